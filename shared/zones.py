@@ -43,6 +43,9 @@ def _check_coordinates(zone_id: object, coordinates: Any) -> list[list[float]]:
 def zone_polygon(zone_id: object, points: list[list[float]]) -> Polygon:
     """Build the zone's polygon, refusing zero-area and self-intersecting shapes."""
     polygon = Polygon(points)
+    # Collinear or repeated points read as self-intersecting to GEOS; name them for what they are.
+    if polygon.convex_hull.area <= 0.0:
+        raise ZoneError(zone_id, "polygon has zero area")
     validity = "Valid Geometry" if polygon.is_valid else explain_validity(polygon)
     if validity.startswith("Self-intersection"):
         raise ZoneError(zone_id, f"polygon intersects itself ({validity})")
