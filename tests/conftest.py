@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cloud_fixtures import receiver, s3_credentials, s3_server  # noqa: F401
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_DIR.parent / "shared"
