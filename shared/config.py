@@ -52,7 +52,11 @@ class Section(BaseModel):
 class CameraSettings(Section):
     """One camera: where frames come from, their size, and the spaces it watches."""
 
-    id: str = Field(default="cam0", description="Camera id, unique on the device.")
+    id: str = Field(
+        default="cam0",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Camera id, unique on the device; letters, digits, . _ - (it names snapshot files).",
+    )
     source: str = Field(default="0", description="Camera index, RTSP/HTTP URL, video file or image folder.")
     width: int = Field(default=1280, gt=0, description="Frame width the zones were drawn for, px.")
     height: int = Field(default=720, gt=0, description="Frame height the zones were drawn for, px.")
@@ -73,7 +77,23 @@ class DetectionSettings(Section):
     confidence: float = Field(default=0.5, ge=0.0, le=1.0, description="Minimum box confidence.")
     classes: list[int] = Field(default=[2, 3, 5, 7], description="COCO classes that count as vehicles.")
     device: str = Field(default="auto", description="auto (MPS, else CUDA, else CPU), mps, cuda or cpu.")
-    image_size: int = Field(default=1280, gt=0, description="Model input size for the full-frame pass, px.")
+    image_size: int = Field(default=640, gt=0, description="Model input size for the full-frame pass, px.")
+    tile_size: int = Field(
+        default=512, ge=0, description="Side of one tile over the zones, frame px; 0 turns tiling off."
+    )
+    tile_image_size: int = Field(default=640, gt=0, description="Model input size for each tile, px.")
+    tile_overlap: float = Field(default=0.2, ge=0.0, lt=1.0, description="Share of a tile its neighbour covers.")
+    merge_iou: float = Field(default=0.5, gt=0.0, le=1.0, description="Boxes overlapping this much are one vehicle.")
+    merge_containment: float = Field(
+        default=0.8, gt=0.0, le=1.0, description="A box this much inside a stronger one is the same vehicle."
+    )
+    ground_fraction: float = Field(
+        default=0.6, gt=0.0, le=1.0, description="Bottom share of a box taken as where the vehicle stands."
+    )
+    occupied_overlap: float = Field(
+        default=0.3, gt=0.0, le=1.0,
+        description="Share of the smaller of space and ground area a vehicle must cover to occupy the space.",
+    )
 
 
 class ProcessingSettings(Section):
@@ -133,9 +153,13 @@ class DatabaseSettings(Section):
 
 
 class RetentionSettings(Section):
-    """How long snapshots are kept on the device."""
+    """How long snapshots are kept on the device, and how much disk space is kept free."""
 
-    days: float = Field(default=30, gt=0)
+    days: float = Field(default=30, gt=0, description="Uploaded snapshots older than this are deleted.")
+    min_free_bytes: int = Field(
+        default=2 * 1024**3, ge=0, description="Free space kept on the snapshot disk, oldest uploaded first."
+    )
+    check_interval_s: float = Field(default=60, gt=0, description="Seconds between retention passes.")
 
 
 def _default_device_id() -> str:
