@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextvars
+import errno
 import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 
 import cv2
 import structlog
@@ -17,6 +19,7 @@ from shared.db import open_database
 from shared.heartbeat import Heartbeat
 from shared.lifecycle import StopFlag
 from shared.logging import get_logger
+from shared.retention import RetentionLoop
 from shared.snapshots import store_snapshot
 
 log = get_logger(__name__)
@@ -56,8 +59,16 @@ class Backoff:
 class CameraWorker(threading.Thread):
     """Captures one camera's snapshots on its own thread, so a stalled camera delays no other."""
 
-    def __init__(self, settings: Settings, camera: CameraSettings, stop: StopFlag, once: bool) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        camera: CameraSettings,
+        stop: StopFlag,
+        once: bool,
+        on_disk_full: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(name=f"capture-{camera.id}", daemon=True)
+        self.on_disk_full = on_disk_full
         self.settings = settings
         self.camera = camera
         self.stop = stop
@@ -195,6 +206,8 @@ class CameraWorker(threading.Thread):
         except (OSError, sqlite3.Error) as error:
             log.error("snapshot_store_failed", camera_id=self.camera.id, source_name=frame.source_name,
                       error=str(error))
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC and self.on_disk_full:
+                self.on_disk_full()
             return False
         self._last_captured_us = captured_us
         self.snapshots += 1
@@ -239,7 +252,9 @@ def run(settings: Settings, *, once: bool = False, stop: StopFlag | None = None)
                                synchronous=settings.database.synchronous)
     heartbeat = Heartbeat(connection, "capture")
     stall_after_s = max(2 * settings.processing.snapshot_interval, STALL_MIN_S)
-    workers = [CameraWorker(settings, camera, stop, once) for camera in settings.cameras]
+    retention = RetentionLoop(settings, stop)
+    retention.start()
+    workers = [CameraWorker(settings, camera, stop, once, retention.wake) for camera in settings.cameras]
     log.info("capture_started", cameras=[camera.id for camera in settings.cameras], once=once,
              interval_s=settings.processing.snapshot_interval)
     for worker in workers:
@@ -259,6 +274,7 @@ def run(settings: Settings, *, once: bool = False, stop: StopFlag | None = None)
     deadline = time.monotonic() + STOP_WAIT_S
     for worker in workers:
         worker.join(timeout=max(0.0, deadline - time.monotonic()))
+    retention.join(timeout=max(0.0, deadline - time.monotonic()))
     blocked = [worker.camera.id for worker in workers if worker.is_alive()]
     if blocked:
         log.warning("capture_left_blocked_cameras", cameras=blocked)
