@@ -100,8 +100,10 @@ def command_zones_import(args: argparse.Namespace) -> int:
 def command_eval(args: argparse.Namespace) -> int:
     """Score the detector against labelled PKLot frames."""
     from detect.evaluate import evaluate_dataset, format_report
+    from shared.logging import configure_logging
 
     settings = _settings_or_exit(args.config)
+    configure_logging(settings.log_level, process="eval")
     dataset = Path(args.dataset)
     if not dataset.is_dir():
         print(f"parkmon: {dataset}: not a folder", file=sys.stderr)
@@ -113,8 +115,10 @@ def command_eval(args: argparse.Namespace) -> int:
 
 def command_demo(args: argparse.Namespace) -> int:
     """Replay a folder of frames through all four stages against local servers."""
+    from shared.logging import configure_logging
     from testbed.demo import run_demo
 
+    configure_logging("WARNING", process="demo")
     return run_demo(Path(args.source), Path(args.model), frames_limit=args.frames)
 
 

@@ -74,16 +74,30 @@ class DetectionSettings(Section):
     """Vehicle detector settings."""
 
     model: str = Field(default="yolo11m.pt", description="Path of the YOLO weights.")
-    confidence: float = Field(default=0.5, ge=0.0, le=1.0, description="Minimum box confidence.")
+    confidence: float = Field(
+        default=0.1, ge=0.0, le=1.0,
+        description="Minimum box confidence; small distant cars score low, the overlap rule rejects strays.",
+    )
     classes: list[int] = Field(default=[2, 3, 5, 7], description="COCO classes that count as vehicles.")
     device: str = Field(default="auto", description="auto (MPS, else CUDA, else CPU), mps, cuda or cpu.")
     image_size: int = Field(default=640, gt=0, description="Model input size for the full-frame pass, px.")
     tile_size: int = Field(
-        default=512, ge=0, description="Side of one tile over the zones, frame px; 0 turns tiling off."
+        default=672, ge=0, description="Side of one tile in the model input, px; 0 turns tiling off."
     )
-    tile_image_size: int = Field(default=640, gt=0, description="Model input size for each tile, px.")
-    tile_overlap: float = Field(default=0.2, ge=0.0, lt=1.0, description="Share of a tile its neighbour covers.")
-    merge_iou: float = Field(default=0.5, gt=0.0, le=1.0, description="Boxes overlapping this much are one vehicle.")
+    tile_zone_px: float = Field(
+        default=64.0, gt=0.0, description="Side a typical small zone is magnified to in a tile's input, px."
+    )
+    tile_max_scale: float = Field(
+        default=3.0, gt=0.0, description="Most a tile is magnified, model px per frame px."
+    )
+    tile_zones_below_px: float = Field(
+        default=32.0, ge=0.0,
+        description="Tile around zones whose side (root of area) in the full-frame input is below this, px.",
+    )
+    tile_overlap: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="Share of a tile its neighbour covers."
+    )
+    merge_iou: float = Field(default=0.5, gt=0.0, le=1.0, description="Boxes overlapping this much are one.")
     merge_containment: float = Field(
         default=0.8, gt=0.0, le=1.0, description="A box this much inside a stronger one is the same vehicle."
     )
@@ -94,6 +108,9 @@ class DetectionSettings(Section):
         default=0.3, gt=0.0, le=1.0,
         description="Share of the smaller of space and ground area a vehicle must cover to occupy the space.",
     )
+    min_space_cover: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Least share of a space a vehicle must cover to fill it."
+    )
 
 
 class ProcessingSettings(Section):
@@ -102,6 +119,12 @@ class ProcessingSettings(Section):
     snapshot_interval: float = Field(default=5.0, gt=0, description="Seconds between snapshots per camera.")
     temporal_smoothing: bool = True
     smoothing_window: int = Field(default=3, ge=1, description="Snapshots a state change must persist.")
+    smoothing_sure_confidence: float = Field(
+        default=0.75, ge=0.5, le=1.0, description="A change observed at least this sure is taken at once."
+    )
+    smoothing_max_gap_s: float = Field(
+        default=60.0, gt=0, description="Snapshots further apart than this share no history for smoothing."
+    )
 
 
 class ApiSettings(Section):
@@ -116,7 +139,9 @@ class UploadSettings(Section):
     """Upload stage behaviour."""
 
     enabled: bool = True
-    batch_size: int = Field(default=10, ge=1, description="Jobs claimed per round.")
+    batch_size: int = Field(
+        default=10, ge=1, description="Jobs claimed per round = most records in one ingest request."
+    )
     interval: float = Field(default=60, ge=0, description="Seconds between upload rounds when idle.")
     compression: bool = True
     max_retries: int = Field(default=3, ge=1, description="Fast retries before a job is parked as failed.")
@@ -129,6 +154,28 @@ class UploadSettings(Section):
         default="when_required",
         description="botocore request checksums; when_required works with AWS and S3-compatible servers.",
     )
+    keyframe_every: int = Field(
+        default=60, ge=1, description="Records per camera between full-state keyframes; deltas in between."
+    )
+    keyframe_gap_s: float = Field(
+        default=900.0, gt=0, description="A camera silent this long (capture time) restarts with a keyframe."
+    )
+    images: Literal["all", "changed", "every_nth"] = Field(
+        default="all", description="Which JPEGs go to the data bucket: all, occupancy changes, or every Nth."
+    )
+    image_every_n: int = Field(default=10, ge=1, description="With images: every_nth, one JPEG in N a camera.")
+    jpeg_quality: int | None = Field(
+        default=None, ge=1, le=100, description="Re-encode JPEGs at this quality; unset sends them as they are."
+    )
+    max_bytes_per_s: int | None = Field(
+        default=None, gt=0, description="Upload bandwidth cap, bytes per second averaged; unset means none."
+    )
+    multipart_threshold_bytes: int = Field(
+        default=8 * 1024**2, ge=5 * 1024**2, description="Objects this large go up as S3 multipart uploads."
+    )
+    multipart_part_bytes: int = Field(
+        default=8 * 1024**2, ge=5 * 1024**2, description="Part size of a multipart upload (S3 minimum 5 MiB)."
+    )
 
 
 class AwsSettings(Section):
@@ -138,7 +185,7 @@ class AwsSettings(Section):
     data_bucket: str = "parking-monitor-data-production"
     metadata_bucket: str = "parking-monitor-metadata-production"
     s3_endpoint_url: str | None = Field(default=None, description="For S3-compatible servers.")
-    api_endpoint: str | None = Field(default=None, description="Ingest API base URL; POSTs go to /detections.")
+    api_endpoint: str | None = Field(default=None, description="Ingest API base URL; POSTs to /detections.")
     api_key: SecretStr | None = Field(default=None, description="Sent as X-API-Key.")
 
 
