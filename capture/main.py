@@ -24,12 +24,13 @@ from shared.snapshots import store_snapshot
 
 log = get_logger(__name__)
 
-JPEG_QUALITY = 90
 HEARTBEAT_CHECK_S = 0.5
 STOP_WAIT_S = 2.0
 STALL_MIN_S = 3.0
 RECONNECT_BASE_S = 1.0
-RECONNECT_CAP_S = 60.0
+# The longest wait between reconnect attempts: a camera that comes back is capturing again within
+# this plus one open, well inside 30 s, however long it was away.
+RECONNECT_CAP_S = 15.0
 
 
 def redact_source(source: str) -> str:
@@ -187,6 +188,15 @@ class CameraWorker(threading.Thread):
                 return False
         return False
 
+    def _encode(self, frame: Frame) -> bytes | None:
+        """The frame as JPEG at the camera's quality, or None (logged) if encoding failed."""
+        quality = [cv2.IMWRITE_JPEG_QUALITY, self.camera.jpeg_quality]
+        ok, encoded = cv2.imencode(".jpg", frame.image, quality)
+        if not ok:
+            log.error("frame_encode_failed", camera_id=self.camera.id, source_name=frame.source_name)
+            return None
+        return encoded.tobytes()
+
     def _save(self, frame: Frame, connection: sqlite3.Connection) -> bool:
         """Encode the frame as JPEG and store it with its DETECT job; False (logged) if that failed."""
         if (frame.width, frame.height) != (self.camera.width, self.camera.height) and not self._size_warned:
@@ -194,14 +204,13 @@ class CameraWorker(threading.Thread):
             log.warning("frame_size_mismatch", camera_id=self.camera.id,
                         expected=f"{self.camera.width}x{self.camera.height}",
                         actual=f"{frame.width}x{frame.height}", source_name=frame.source_name)
-        ok, encoded = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        if not ok:
-            log.error("frame_encode_failed", camera_id=self.camera.id, source_name=frame.source_name)
+        jpeg = frame.jpeg or self._encode(frame)
+        if jpeg is None:
             return False
         # Whole microseconds, strictly increasing per camera, so file names never collide.
         captured_us = max(time.time_ns() // 1000, self._last_captured_us + 1)
         try:
-            store_snapshot(connection, self.settings, self.camera.id, encoded.tobytes(), captured_us / 1e6,
+            store_snapshot(connection, self.settings, self.camera.id, jpeg, captured_us / 1e6,
                            frame.width, frame.height, source_name=frame.source_name)
         except (OSError, sqlite3.Error) as error:
             log.error("snapshot_store_failed", camera_id=self.camera.id, source_name=frame.source_name,
@@ -220,12 +229,13 @@ def _stalled(worker: CameraWorker, stall_after_s: float) -> bool:
     return worker.busy_with is not None and time.monotonic() - worker.busy_since > stall_after_s
 
 
-def _health(workers: list[CameraWorker], stalled: set[str]) -> tuple[str, str]:
-    """Heartbeat status and detail: stalled, degraded (reconnecting or failed cameras) or running."""
+def _health(workers: list[CameraWorker], stalled: set[str], once: bool = False) -> tuple[str, str]:
+    """Heartbeat status and detail: stalled, degraded (reconnecting, failed or ended cameras) or running."""
+    trouble_states = ("reconnecting", "failed") if once else ("reconnecting", "failed", "ended")
     stalls = [f"stalled: {worker.camera.id} ({worker.busy_with})"
               for worker in workers if worker.camera.id in stalled]
     troubles = [f"{worker.state}: {worker.camera.id}"
-                for worker in workers if worker.state in ("reconnecting", "failed")]
+                for worker in workers if worker.state in trouble_states]
     if stalls or troubles:
         return ("stalled" if stalls else "degraded"), "; ".join(stalls + troubles)
     capturing = sum(1 for worker in workers if worker.state == "capturing")
@@ -261,10 +271,12 @@ def run(settings: Settings, *, once: bool = False, stop: StopFlag | None = None)
         worker.start()
 
     stalled: set[str] = set()
-    while any(worker.is_alive() for worker in workers):
+    # As a service the process stays up (beating "degraded: failed: <camera>") after a camera fails for
+    # good, instead of exiting into a launchd restart loop; with once it ends with the last camera.
+    while not once or any(worker.is_alive() for worker in workers):
         _track_stalls(workers, stalled, stall_after_s)
         try:
-            heartbeat.beat(*_health(workers, stalled))
+            heartbeat.beat(*_health(workers, stalled, once))
         except sqlite3.Error as error:
             log.warning("heartbeat_failed", error=str(error))
         if stop.sleep(HEARTBEAT_CHECK_S):

@@ -35,6 +35,7 @@ class Frame:
 
     image: np.ndarray
     source_name: str | None = None
+    jpeg: bytes | None = None
 
     @property
     def width(self) -> int:
@@ -111,6 +112,15 @@ def decode_image_file(path: Path) -> np.ndarray | None:
     return image
 
 
+def _file_signature(path: Path) -> tuple[int, int] | None:
+    """A file's size and modification time, to notice it changed; None if it cannot be read."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns
+
+
 class FolderReplay:
     """Images of a folder replayed in file-name order; once through, or looping."""
 
@@ -123,6 +133,8 @@ class FolderReplay:
         self.loop = loop
         self._queue: list[Path] = self._list()
         self._ended = False
+        # Broken files already logged, by (size, mtime): a looping replay skips them until they change.
+        self._unreadable: dict[Path, tuple[int, int]] = {}
         if not self._queue:
             log.warning("replay_folder_empty", folder=str(folder))
 
@@ -149,9 +161,17 @@ class FolderReplay:
                 log.info("replay_restarted", folder=str(self.folder), frames=len(self._queue))
                 continue
             path = self._queue.pop(0)
+            signature = _file_signature(path)
+            if signature is not None and self._unreadable.get(path) == signature:
+                continue
             image = decode_image_file(path)
             if image is not None:
-                return Frame(image=image, source_name=path.name)
+                self._unreadable.pop(path, None)
+                # A replayed JPEG is stored as it is: re-encoding would add a second compression loss.
+                original = path.read_bytes() if path.suffix.lower() in (".jpg", ".jpeg") else None
+                return Frame(image=image, source_name=path.name, jpeg=original)
+            if signature is not None:
+                self._unreadable[path] = signature
         return None
 
     def close(self) -> None:
@@ -233,6 +253,8 @@ class LiveCamera:
         self._failed = False
         self._newest: np.ndarray | None = None
         self._closing = threading.Event()
+        self._reader_done = False
+        self._release_by_reader = False
         self._reader = threading.Thread(target=self._keep_grabbing, name=f"grab-{camera.id}", daemon=True)
         self._reader.start()
 
@@ -243,15 +265,23 @@ class LiveCamera:
 
     def _keep_grabbing(self) -> None:
         """Read frames as fast as the camera sends them, keeping only the newest."""
-        while not self._closing.is_set():
-            ok, image = self._capture.read()
-            with self._lock:
-                if not ok or image is None:
-                    self._failed = True
+        try:
+            while not self._closing.is_set():
+                ok, image = self._capture.read()
+                with self._lock:
+                    if not ok or image is None:
+                        self._failed = True
+                        self._fresh.set()
+                        return
+                    self._newest = image
                     self._fresh.set()
-                    return
-                self._newest = image
-                self._fresh.set()
+        finally:
+            with self._lock:
+                self._reader_done = True
+                release_here = self._release_by_reader
+            if release_here:
+                # close() gave up waiting for the blocked grab; release now that it has returned.
+                self._capture.release()
 
     def read(self) -> Frame | None:
         """The newest frame not read yet, or None once the camera stopped or sent nothing in time."""
@@ -269,9 +299,13 @@ class LiveCamera:
         """Stop the reader thread and release the device."""
         self._closing.set()
         self._reader.join(timeout=2.0)
-        if self._reader.is_alive():
-            # Releasing while a grab is still blocked inside FFmpeg can crash the process.
-            log.warning("camera_release_skipped", reason="grab still blocked")
+        with self._lock:
+            blocked = not self._reader_done
+            self._release_by_reader = blocked
+        if blocked:
+            # Releasing while a grab is still blocked inside FFmpeg can crash the process; the reader
+            # thread releases the device itself once that grab returns (FFmpeg's read timeout at worst).
+            log.warning("camera_release_deferred", reason="grab still blocked")
             return
         self._capture.release()
 

@@ -99,6 +99,7 @@ def command_zones_import(args: argparse.Namespace) -> int:
 
 def command_eval(args: argparse.Namespace) -> int:
     """Score the detector against labelled PKLot frames."""
+    from detect.detector import DetectorError
     from detect.evaluate import evaluate_dataset, format_report
     from shared.logging import configure_logging
 
@@ -108,7 +109,11 @@ def command_eval(args: argparse.Namespace) -> int:
     if not dataset.is_dir():
         print(f"parkmon: {dataset}: not a folder", file=sys.stderr)
         return 2
-    report = evaluate_dataset(dataset, settings, model=args.model)
+    try:
+        report = evaluate_dataset(dataset, settings, model=args.model)
+    except DetectorError as error:
+        print(f"parkmon: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
     return 0
 

@@ -61,6 +61,7 @@ class CameraSettings(Section):
     width: int = Field(default=1280, gt=0, description="Frame width the zones were drawn for, px.")
     height: int = Field(default=720, gt=0, description="Frame height the zones were drawn for, px.")
     fps: float = Field(default=30, gt=0, description="Frame rate asked of a live camera.")
+    jpeg_quality: int = Field(default=90, ge=1, le=100, description="JPEG quality of stored snapshots.")
     parking_zones: list[Zone] = Field(default_factory=list, description="The spaces this camera watches.")
 
     @model_validator(mode="after")

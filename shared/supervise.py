@@ -57,7 +57,8 @@ nodaemon=true
 logfile={run_dir / "supervisord.log"}
 pidfile={run_dir / "supervisord.pid"}
 childlogdir={logs_dir}
-loglevel=warn
+loglevel=info
+silent=true
 
 [unix_http_server]
 file={socket_path}

@@ -109,6 +109,9 @@ def test_four_stages_process_two_cameras_end_to_end(tmp_path, pklot_dir, model_p
     assert all(row["result_json"] is not None for row in snapshots)
     assert {row["camera_id"] for row in snapshots} == set(CAMERAS)
     assert all(row["device_id"] == "lot-7" for row in snapshots)
+    for row in snapshots:
+        source = pklot_dir / CAMERAS[row["camera_id"]] / row["source_name"]
+        assert (data_dir / row["path"]).read_bytes() == source.read_bytes(), "a replayed JPEG is stored as is"
 
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
                       aws_access_key_id="test", aws_secret_access_key="test")
