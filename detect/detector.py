@@ -96,7 +96,7 @@ class VehicleDetector:
             verbose=False,
         )
 
-    def _tiles(self, image: np.ndarray, plan: TilePlan | None) -> list[Tile]:
+    def tiles(self, image: np.ndarray, plan: TilePlan | None) -> list[Tile]:
         """The tiles to slice the planned region into; none without a plan or when tiling is off."""
         height, width = image.shape[:2]
         if plan is None or self.settings.tile_size <= 0:
@@ -108,7 +108,7 @@ class VehicleDetector:
         """Vehicles in a BGR frame: a full-frame pass merged with one batched pass over the planned tiles."""
         height, width = image.shape[:2]
         found = self._collect(self._predict([image], self.settings.image_size)[0], None, width, height)
-        tiles = self._tiles(image, plan)
+        tiles = self.tiles(image, plan)
         if plan is not None and tiles:
             crops = [np.ascontiguousarray(image[tile.y1:tile.y2, tile.x1:tile.x2]) for tile in tiles]
             longest = max(tiles[0].x2 - tiles[0].x1, tiles[0].y2 - tiles[0].y1)

@@ -85,15 +85,15 @@ def command_status(args: argparse.Namespace) -> int:
 
 
 def command_zones_import(args: argparse.Namespace) -> int:
-    """Print parking_zones YAML read from a zone file of another tool."""
-    from shared.zone_import import ZoneImportError, import_zones, zones_yaml
+    """Print parking_zones YAML, with the frame size they were drawn for, from another tool's file."""
+    from shared.zone_import import ZoneImportError, zone_file_yaml
 
     try:
-        zones = import_zones(Path(args.file), args.format)
+        text = zone_file_yaml(Path(args.file), args.format)
     except (ZoneImportError, ValueError, OSError) as error:
         print(f"parkmon: {error}", file=sys.stderr)
         return 2
-    sys.stdout.write(zones_yaml(zones))
+    sys.stdout.write(text)
     return 0
 
 
@@ -125,6 +125,13 @@ def command_demo(args: argparse.Namespace) -> int:
 
     configure_logging("WARNING", process="demo")
     return run_demo(Path(args.source), Path(args.model), frames_limit=args.frames)
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    """Time and score parkmon's detector against SAHI and a bare predict on the same frames."""
+    from detect.bench import main as bench_main
+
+    return int(bench_main(args.bench_args) or 0)
 
 
 def command_launchd(args: argparse.Namespace) -> int:
@@ -170,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     zone_import.add_argument("--format", required=True, choices=["pklot", "ultralytics", "mask"])
     zone_import.set_defaults(handler=command_zones_import)
 
-    evaluate = commands.add_parser("eval", help="measure occupancy accuracy on labelled frames", parents=[common])
+    evaluate = commands.add_parser(
+        "eval", help="measure occupancy accuracy on labelled frames", parents=[common]
+    )
     evaluate.add_argument("dataset", help="folder of PKLot frames (*.jpg with sibling .xml)")
     evaluate.add_argument("--model", help="weights to evaluate (default: the config's model)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -182,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--frames", type=int, default=None, help="replay only the first N frames")
     demo.set_defaults(handler=command_demo)
 
+    bench = commands.add_parser("bench", help="benchmarks that print figures and ratios")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    bench_detect = bench_commands.add_parser(
+        "detect", help="parkmon's tiled detector vs SAHI vs a bare predict", add_help=False
+    )
+    bench_detect.set_defaults(handler=command_bench, passes_arguments_on=True)
+
     launchd = commands.add_parser("launchd", help="write LaunchAgent plists for the Mac", parents=[common])
     launchd.add_argument("--out", default=str(Path.home() / "Library" / "LaunchAgents"))
     launchd.add_argument("--python", default=sys.executable, help="the venv's python, absolute")
@@ -191,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `parkmon` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passes_arguments_on", False):
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args.handler(args) or 0)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,20 @@ from shared.pklot import PklotError, read_pklot_spaces
 from shared.zones import Zone, ZoneError, check_unique_ids, zone_polygon
 
 ZONE_FORMATS = ("pklot", "ultralytics", "mask")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 class ZoneImportError(ValueError):
     """A zone file that cannot be imported; the message names the file and, where known, the zone."""
+
+
+@dataclass(frozen=True)
+class DrawnSize:
+    """The frame size a zone file's coordinates are in, and the image it was read from."""
+
+    width: int
+    height: int
+    image: Path
 
 
 def _plain_number(value: float) -> int | float:
@@ -155,3 +166,43 @@ def zones_yaml(zones: list[dict[str, Any]], camera: dict[str, Any] | None = None
         for zone in zones
     ]
     return yaml.dump(document, Dumper=_ZoneDumper, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def _image_beside(path: Path) -> Path | None:
+    """The frame a zone file was drawn on: the image of the same name, else the folder's only image."""
+    images = sorted(item for item in path.parent.iterdir() if item.suffix.lower() in IMAGE_SUFFIXES)
+    same_name = [image for image in images if image.stem == path.stem]
+    if same_name:
+        return same_name[0]
+    return images[0] if len(images) == 1 else None
+
+
+def drawn_size(path: Path, fmt: str) -> DrawnSize | None:
+    """The size of the frame the zones were drawn for: the mask itself, or the image beside the file."""
+    import cv2
+
+    path = Path(path)
+    image = path if fmt == "mask" else _image_beside(path)
+    if image is None:
+        return None
+    frame = cv2.imread(str(image), cv2.IMREAD_UNCHANGED)
+    if frame is None:
+        raise ZoneImportError(f"{image}: not an image OpenCV can read, so its frame size is unknown")
+    height, width = frame.shape[:2]
+    return DrawnSize(width, height, image)
+
+
+def zone_file_yaml(path: Path, fmt: str) -> str:
+    """What `parkmon zones import` prints: a camera block with the drawn-for frame size, then the zones."""
+    path = Path(path)
+    zones = import_zones(path, fmt)
+    size = drawn_size(path, fmt)
+    if size is None:
+        header = (
+            f"# {len(zones)} zones from {path.name}; no frame image beside it: set camera width and height "
+            "to the size these zones were drawn for\n"
+        )
+        return header + zones_yaml(zones)
+    drawn = f"{size.image.name} ({size.width}x{size.height})"
+    header = f"# {len(zones)} zones from {path.name}, drawn on {drawn}\n"
+    return header + zones_yaml(zones, {"width": size.width, "height": size.height})

@@ -28,6 +28,8 @@ MODEL_PATH = SHARED_DIR / "models" / "yolov8n-coco.pt"
 # An empty lot, then ten cars; processed in this order, then an older frame arrives late.
 FRAMES = ["2013-01-16_08_35_04", "2013-01-16_10_40_06", "2013-01-16_10_45_06"]
 LATE_FRAME = "2013-01-16_08_30_04"
+# (decided occupied, labelled occupied) -> confusion cell, as `parkmon eval` counts them.
+OUTCOME = {(True, True): "tp", (True, False): "fp", (False, True): "fn", (False, False): "tn"}
 RUN_DETECT = (
     "import sys\n"
     "from shared.config import load_settings\n"
@@ -163,6 +165,31 @@ def test_frame_decisions_match_the_ground_truth(processed: dict[str, object]) ->
         truth = {space.space_id: space.occupied for space in read_pklot_spaces(SERIES / f"{stem}.xml")}
         right = sum(decided[zone_id] == occupied for zone_id, occupied in truth.items())
         assert right / len(truth) >= 0.96, stem
+
+
+def test_the_stage_decides_each_frame_as_parkmon_eval_scores_it(
+    processed: dict[str, object], tmp_path: Path
+) -> None:
+    from detect.evaluate import evaluate_dataset
+    from shared.config import load_settings
+
+    ids = processed["ids"]
+    assert isinstance(ids, dict)
+    dataset = tmp_path / "UFPR04" / "Cloudy"
+    dataset.mkdir(parents=True)
+    confusion = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    for stem in FRAMES:
+        for suffix in (".jpg", ".xml"):
+            shutil.copyfile(SERIES / f"{stem}{suffix}", dataset / f"{stem}{suffix}")
+        [row] = _rows(processed, "SELECT result_json FROM detections WHERE snapshot_id = ?", (ids[stem],))
+        decided = {zone["zone_id"]: zone["occupied"] for zone in json.loads(row["result_json"])["zones"]}
+        for space in read_pklot_spaces(SERIES / f"{stem}.xml"):
+            confusion[OUTCOME[(decided[space.space_id], bool(space.occupied))]] += 1
+
+    report = evaluate_dataset(tmp_path, load_settings(Path(str(processed["config"]))))
+
+    assert report["per_camera"]["UFPR04"]["confusion"] == confusion
+    assert report["per_camera"]["UFPR04"]["spaces"] == 3 * 28
 
 
 def test_zone_state_follows_the_newest_frame_not_the_late_older_one(processed: dict[str, object]) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from detect.analysis import FrameAnalysis, analyse_frame
 from detect.detector import DetectorError, VehicleDetector, choose_device
-from detect.occupancy import scale_zones
+from detect.occupancy import ZoneScaleError, scale_zones
 from shared.config import CameraSettings, DetectionSettings
 from shared.pklot import LabelledSpace, read_pklot_spaces
 from shared.zones import Zone
@@ -54,14 +54,32 @@ def test_ufpr04_frame_reaches_ninety_percent_per_space(detector: VehicleDetector
     assert all(0.0 <= decision.confidence <= 1.0 for decision in analysis.decisions)
 
 
-def test_zones_drawn_at_1280x720_still_fit_a_640x360_frame(detector: VehicleDetector) -> None:
-    camera, spaces = labelled(UFPR04_FRAME)
-    small = cv2.resize(cv2.imread(str(UFPR04_FRAME)), (640, 360), interpolation=cv2.INTER_AREA)
+def test_zones_drawn_at_1280x720_give_the_same_occupancy_on_a_640x360_frame(
+    detector: VehicleDetector,
+) -> None:
+    camera, spaces = labelled(PUCPR_FRAME)
+    image = cv2.imread(str(PUCPR_FRAME))
+    small = cv2.resize(image, (640, 360), interpolation=cv2.INTER_AREA)
 
-    analysis = analyse_frame(detector, small, scale_zones(camera, 640, 360))
+    full = analyse_frame(detector, image, scale_zones(camera, 1280, 720))
+    half = analyse_frame(detector, small, scale_zones(camera, 640, 360))
 
-    assert (analysis.width, analysis.height) == (640, 360)
-    assert accuracy(analysis, spaces) >= 0.9
+    assert (half.width, half.height) == (640, 360)
+    assert abs(half.occupied - full.occupied) <= 2
+    pairs = zip(full.decisions, half.decisions, strict=True)
+    changed = [at_full.zone_id for at_full, at_half in pairs if at_full.occupied != at_half.occupied]
+    assert len(changed) <= 2, changed
+    assert accuracy(half, spaces) >= 0.97
+
+
+def test_a_4_3_frame_for_zones_drawn_at_16_9_is_refused_naming_the_camera() -> None:
+    camera, _ = labelled(PUCPR_FRAME)
+    camera = camera.model_copy(update={"id": "pucpr-east"})
+    frame = cv2.resize(cv2.imread(str(PUCPR_FRAME)), (640, 480), interpolation=cv2.INTER_AREA)
+    height, width = frame.shape[:2]
+
+    with pytest.raises(ZoneScaleError, match=r"camera 'pucpr-east': frame is 640x480 .* drawn for 1280x720"):
+        scale_zones(camera, width, height)
 
 
 def test_tiles_find_the_small_far_cars_the_full_frame_pass_misses(

@@ -1,9 +1,10 @@
-"""`parkmon eval`'s scoring on a real PKLot camera folder: accuracy floor, report shape, unlabelled spaces."""
+"""`parkmon eval` as a command on a real PKLot camera folder: accuracy floor, report shape, skipped spaces."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import yaml
 from detect.evaluate import EvaluationError, evaluate_dataset, find_frames, format_report
 from shared.config import Settings, load_settings
 
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+REPO_DIR = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_DIR.parent / "shared"
 PKLOT_DIR = SHARED_DIR / "data" / "pklot"
 MODEL_PATH = SHARED_DIR / "models" / "yolov8n-coco.pt"
 # Measured 99.42 % (514 of 517 spaces) with the default settings and yolov8n; a margin for CPU kernels.
@@ -38,14 +40,25 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The evaluation of the dataset, run once for the module."""
+    """`parkmon eval DIR --json` run once for the module as a subprocess; its stdout parsed as JSON."""
     assert MODEL_PATH.is_file(), f"model missing at {MODEL_PATH}"
-    return evaluate_dataset(dataset, _settings(tmp_path_factory.mktemp("eval")), model=None)
+    work = tmp_path_factory.mktemp("eval")
+    config = work / "eval.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(work / "data"), "log_level": "INFO"}))
+    result = subprocess.run(
+        [str(REPO_DIR / ".venv/bin/python"), "-m", "shared.cli", "eval", str(dataset), "--json",
+         "--model", str(MODEL_PATH), "--config", str(config)],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"event": "detector_loaded"' in result.stderr
+    return json.loads(result.stdout)
 
 
 def test_ufpr05_accuracy_stays_above_the_measured_floor(report: dict[str, Any]) -> None:
     camera = report["per_camera"]["UFPR05"]
 
+    assert report["model"] == "yolov8n-coco.pt"
     assert camera["accuracy"] >= UFPR05_ACCURACY_FLOOR
     assert camera["spaces"] == 13 * 40 - 3
     assert camera["precision"] >= 0.98 and camera["recall"] >= 0.97

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import yaml
 
+from detect.occupancy import ZoneScaleError, scale_zones
 from shared.config import load_settings
-from shared.zone_import import ZoneImportError, import_zones, zones_yaml
+from shared.zone_import import ZoneImportError, drawn_size, import_zones, zone_file_yaml, zones_yaml
 
 UFPR05 = "UFPR05/Rainy/2013-03-19_06_30_00"
 PUCPR_CRLF = "PUCPR/Sunny/2012-09-13_07_07_50"
 UNLABELLED_SPACE = "PUCPR/Rainy/2012-10-26_07_39_28"
+REPO_DIR = Path(__file__).resolve().parents[1]
+FISHEYE_JSON = "video/ultralytics_parking_json/mrabdon_fisheye_cctv/bounding_boxes.json"
+AERIAL_JSON = "video/ultralytics_parking_json/nguyenhoanghuy34_aerial/bounding_boxes.json"
+MASK = "video/aerial_crop_14spaces/mask_crop.png"
+# (file, format, zones, width and height of the frame they were drawn on)
+OTHER_TOOLS = [
+    (FISHEYE_JSON, "ultralytics", 11, 1080, 600),
+    (AERIAL_JSON, "ultralytics", 135, 1920, 1200),
+    (MASK, "mask", 14, 380, 452),
+    (f"pklot/{UFPR05}.xml", "pklot", 40, 1280, 720),
+]
 
 
 def _manifest_spaces(pklot_dir: Path, frame: str) -> int:
@@ -131,19 +147,69 @@ def test_an_unknown_format_is_refused(tmp_path: Path, pklot_dir: Path) -> None:
         import_zones(pklot_dir / f"{UFPR05}.xml", "cvat")
 
 
-@pytest.mark.parametrize(
-    ("relative", "fmt", "count"),
-    [
-        ("video/ultralytics_parking_json/mrabdon_fisheye_cctv/bounding_boxes.json", "ultralytics", 11),
-        ("video/ultralytics_parking_json/nguyenhoanghuy34_aerial/bounding_boxes.json", "ultralytics", 135),
-        ("video/aerial_crop_14spaces/mask_crop.png", "mask", 14),
-    ],
-)
-def test_other_tools_zone_files_import_and_round_trip(
-    tmp_path: Path, pklot_dir: Path, relative: str, fmt: str, count: int
+@pytest.mark.parametrize(("relative", "fmt", "count", "width", "height"), OTHER_TOOLS)
+def test_zone_files_import_with_the_size_of_the_frame_they_were_drawn_on(
+    tmp_path: Path, pklot_dir: Path, relative: str, fmt: str, count: int, width: int, height: int
 ) -> None:
-    zones = import_zones(pklot_dir.parent / relative, fmt)
+    path = pklot_dir.parent / relative
+    zones = import_zones(path, fmt)
 
     assert len(zones) == count
     assert [zone["id"] for zone in zones] == list(range(1, count + 1))
-    assert _load_back(tmp_path, zones_yaml(zones)) == _expected(zones)
+    assert _load_back(tmp_path, zone_file_yaml(path, fmt)) == _expected(zones)
+    camera = load_settings(tmp_path / "zones.yaml", data_dir=tmp_path / "data").cameras[0]
+    assert (camera.width, camera.height) == (width, height)
+    assert all(0 <= x <= width and 0 <= y <= height for zone in zones for x, y in zone["coordinates"])
+
+
+@pytest.mark.parametrize(("relative", "fmt", "count", "width", "height"), OTHER_TOOLS[:3])
+def test_parkmon_zones_import_prints_the_zones_and_their_frame_size(
+    tmp_path: Path, pklot_dir: Path, relative: str, fmt: str, count: int, width: int, height: int
+) -> None:
+    command = ["zones", "import", str(pklot_dir.parent / relative), "--format", fmt]
+    result = subprocess.run(
+        [str(REPO_DIR / ".venv/bin/python"), "-m", "shared.cli", *command],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    document = yaml.safe_load(result.stdout)
+    assert document["camera"] == {"width": width, "height": height}
+    assert len(document["parking_zones"]) == count
+
+
+def test_imported_mask_zones_scale_to_a_larger_frame_and_refuse_another_shape(
+    tmp_path: Path, pklot_dir: Path
+) -> None:
+    text = zone_file_yaml(pklot_dir.parent / MASK, "mask").replace("camera:\n", "camera:\n  id: aerial\n")
+    (tmp_path / "zones.yaml").write_text(text, encoding="utf-8")
+    camera = load_settings(tmp_path / "zones.yaml", data_dir=tmp_path / "data").cameras[0]
+
+    drawn = scale_zones(camera, 380, 452)
+    doubled = scale_zones(camera, 760, 904)
+
+    for small, large in zip(drawn, doubled, strict=True):
+        assert large.polygon.area == pytest.approx(4 * small.polygon.area)
+    with pytest.raises(ZoneScaleError, match="camera 'aerial'.*640x480.*380x452"):
+        scale_zones(camera, 640, 480)
+
+
+def test_a_json_without_its_frame_says_the_size_is_unknown(tmp_path: Path, pklot_dir: Path) -> None:
+    lone = tmp_path / "zones.json"
+    shutil.copyfile(pklot_dir.parent / FISHEYE_JSON, lone)
+
+    text = zone_file_yaml(lone, "ultralytics")
+
+    assert drawn_size(lone, "ultralytics") is None
+    assert text.startswith("# 11 zones from zones.json; no frame image beside it")
+    assert "camera:" not in text
+
+
+def test_a_self_intersecting_ultralytics_zone_is_refused_naming_it(tmp_path: Path, pklot_dir: Path) -> None:
+    zones = json.loads((pklot_dir.parent / FISHEYE_JSON).read_text(encoding="utf-8"))
+    zones[4]["points"] = [[0, 0], [100, 100], [100, 0], [0, 100]]
+    broken = tmp_path / "bowtie.json"
+    broken.write_text(json.dumps(zones), encoding="utf-8")
+
+    with pytest.raises(ZoneImportError, match=r"bowtie.json: zone 5: polygon intersects itself"):
+        import_zones(broken, "ultralytics")
