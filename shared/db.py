@@ -107,6 +107,29 @@ MIGRATIONS: list[list[str]] = [
                    max(attempts) AS most_attempts
             FROM jobs WHERE state != 'done' GROUP BY stage""",
     ],
+    # Upload stage, cloud sync: per camera the last zone state the cloud acknowledged (the base of
+    # the next delta), and the requests and bytes delivered per destination.
+    [
+        """CREATE TABLE cloud_sync (
+            camera_id TEXT PRIMARY KEY,
+            device_id TEXT NOT NULL,
+            snapshot_id INTEGER NOT NULL,
+            record_key TEXT NOT NULL,
+            captured_at REAL NOT NULL,
+            zones_json TEXT NOT NULL,
+            since_keyframe INTEGER NOT NULL,
+            sequence INTEGER NOT NULL,
+            needs_keyframe INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE upload_bytes (
+            destination TEXT PRIMARY KEY,
+            requests INTEGER NOT NULL DEFAULT 0,
+            raw_bytes INTEGER NOT NULL DEFAULT 0,
+            wire_bytes INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL
+        )""",
+    ],
 ]
 
 

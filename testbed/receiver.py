@@ -1,9 +1,8 @@
-"""A stand-in for the cloud ingest endpoint: POST /detections into SQLite, GET /received to read back."""
+"""A local ingest endpoint running the ingest function: POST /detections, GET /received and /requests."""
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import secrets
@@ -13,30 +12,51 @@ import sys
 import tempfile
 import time
 import urllib.request
-import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import boto3
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from cloud.ingest.handler import handle, proxy_event
+from cloud.ingest.rebuild import RecordStore, StoredRecord
+from cloud.ingest.store import DynamoRecordStore
 from testbed.process import LOOPBACK, free_ports, http_answers, stop_process_group, wait_until
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
-_SCHEMA = """CREATE TABLE IF NOT EXISTS received (
-    id INTEGER PRIMARY KEY,
-    idempotency_key TEXT UNIQUE,
-    received_at REAL NOT NULL,
-    content_encoding TEXT,
-    body_bytes INTEGER NOT NULL,
-    deliveries INTEGER NOT NULL DEFAULT 1,
-    payload TEXT NOT NULL
-)"""
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS received (
+        id INTEGER PRIMARY KEY,
+        idempotency_key TEXT UNIQUE NOT NULL,
+        device_id TEXT NOT NULL,
+        camera_id TEXT NOT NULL,
+        captured_at REAL NOT NULL,
+        batch_key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        zones TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        deliveries INTEGER NOT NULL DEFAULT 1,
+        content_encoding TEXT,
+        UNIQUE (device_id, camera_id, captured_at)
+    )""",
+    """CREATE TABLE IF NOT EXISTS requests (
+        id INTEGER PRIMARY KEY,
+        received_at REAL NOT NULL,
+        idempotency_key TEXT,
+        content_encoding TEXT,
+        body_bytes INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        response TEXT NOT NULL
+    )""",
+)
 
 
 def open_store(path: Path) -> sqlite3.Connection:
@@ -44,45 +64,64 @@ def open_store(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(path, timeout=10.0, isolation_level=None)
     connection.row_factory = sqlite3.Row
     connection.execute("PRAGMA journal_mode = WAL")
-    connection.execute(_SCHEMA)
+    for statement in _SCHEMA:
+        connection.execute(statement)
     return connection
 
 
-def record_delivery(
-    connection: sqlite3.Connection, key: str | None, payload: dict[str, Any], encoding: str | None, size: int
-) -> bool:
-    """Store a payload once per idempotency key; return False when the key was already recorded."""
-    cursor = connection.execute(
-        """INSERT INTO received (idempotency_key, received_at, content_encoding, body_bytes, payload)
-           VALUES (?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING""",
-        (key, time.time(), encoding, size, json.dumps(payload)),
-    )
-    if cursor.rowcount == 1:
-        return True
-    connection.execute("UPDATE received SET deliveries = deliveries + 1 WHERE idempotency_key = ?", (key,))
-    return False
+class SqliteRecordStore:
+    """The ingest function's record store kept in the receiver's SQLite file, one row per record key."""
+
+    def __init__(self, connection: sqlite3.Connection, content_encoding: str | None) -> None:
+        self.connection = connection
+        self.content_encoding = content_encoding
+
+    def get_zones(self, device_id: str, camera_id: str, captured_at: float) -> dict[str, bool] | None:
+        """The rebuilt full state of one stored record."""
+        row = self.connection.execute(
+            "SELECT zones FROM received WHERE device_id = ? AND camera_id = ? AND captured_at = ?",
+            (device_id, camera_id, captured_at),
+        ).fetchone()
+        return None if row is None else json.loads(row["zones"])
+
+    def put_record(self, record: StoredRecord) -> bool:
+        """Store a record once per key; a repeat only counts one more delivery."""
+        cursor = self.connection.execute(
+            """INSERT INTO received (idempotency_key, device_id, camera_id, captured_at, batch_key, kind,
+                   zones, received_at, content_encoding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT DO NOTHING""",
+            (record.key, record.device_id, record.camera_id, record.captured_at, record.batch_key,
+             record.kind, json.dumps(record.zones), record.received_at, self.content_encoding),
+        )
+        if cursor.rowcount == 1:
+            return True
+        self.connection.execute(
+            "UPDATE received SET deliveries = deliveries + 1 WHERE idempotency_key = ?", (record.key,)
+        )
+        return False
 
 
 def list_received(connection: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Every stored payload, oldest first, with how often its key was delivered."""
+    """Every stored record, oldest first, with its rebuilt zone state and how often it was delivered."""
     rows = connection.execute("SELECT * FROM received ORDER BY id").fetchall()
-    return [{**dict(row), "payload": json.loads(row["payload"])} for row in rows]
+    return [{**dict(row), "zones": json.loads(row["zones"])} for row in rows]
 
 
-def _decode_body(body: bytes, encoding: str | None) -> bytes:
-    """Undo a gzip Content-Encoding; raise ValueError for anything else or a bad stream."""
-    if encoding in (None, "", "identity"):
-        return body
-    if encoding != "gzip":
-        raise ValueError(f"unsupported Content-Encoding {encoding!r}")
-    try:
-        return gzip.decompress(body)
-    except (OSError, EOFError, zlib.error) as error:
-        raise ValueError(f"body is not valid gzip: {error}") from error
+def request_totals(connection: sqlite3.Connection) -> dict[str, int]:
+    """Requests answered, by outcome, and the body bytes they carried."""
+    row = connection.execute(
+        """SELECT count(*) AS requests, coalesce(sum(body_bytes), 0) AS body_bytes,
+                  coalesce(sum(status = 200), 0) AS accepted FROM requests"""
+    ).fetchone()
+    return {"requests": row["requests"], "body_bytes": row["body_bytes"], "accepted": row["accepted"]}
 
 
-def create_app(db_path: Path, api_key: str) -> Starlette:
-    """The receiver's ASGI app, storing into `db_path` and accepting only `api_key`."""
+def create_app(db_path: Path, api_key: str, record_store: RecordStore | None = None) -> Starlette:
+    """The receiver's ASGI app: runs the ingest function on each POST, accepting only `api_key`.
+
+    Records go to `record_store` (e.g. DynamoDB) when given, else into the SQLite file at `db_path`,
+    which also logs every request.
+    """
 
     async def detections(request: Request) -> JSONResponse:
         offered = request.headers.get("x-api-key", "").encode()
@@ -90,19 +129,20 @@ def create_app(db_path: Path, api_key: str) -> Starlette:
             return JSONResponse({"message": "Forbidden: missing or wrong X-API-Key"}, status_code=401)
         body = await request.body()
         encoding = request.headers.get("content-encoding")
-        try:
-            payload = json.loads(_decode_body(body, encoding))
-        except ValueError as error:
-            return JSONResponse({"message": f"unreadable body: {error}"}, status_code=400)
-        if not isinstance(payload, dict):
-            return JSONResponse({"message": "body must be a JSON object"}, status_code=400)
-        key = request.headers.get("idempotency-key")
         connection = open_store(db_path)
         try:
-            stored = record_delivery(connection, key, payload, encoding, len(body))
+            with _transaction(connection):
+                store = record_store or SqliteRecordStore(connection, encoding)
+                answer = handle(proxy_event(body, dict(request.headers)), store)
+                connection.execute(
+                    """INSERT INTO requests (received_at, idempotency_key, content_encoding, body_bytes,
+                           status, response) VALUES (?, ?, ?, ?, ?, ?)""",
+                    (time.time(), request.headers.get("idempotency-key"), encoding, len(body),
+                     answer["statusCode"], answer["body"]),
+                )
         finally:
             connection.close()
-        return JSONResponse({"status": "accepted" if stored else "duplicate", "idempotency_key": key})
+        return JSONResponse(json.loads(answer["body"]), status_code=answer["statusCode"])
 
     async def received(request: Request) -> JSONResponse:
         connection = open_store(db_path)
@@ -111,16 +151,40 @@ def create_app(db_path: Path, api_key: str) -> Starlette:
         finally:
             connection.close()
 
+    async def requests(request: Request) -> JSONResponse:
+        connection = open_store(db_path)
+        try:
+            return JSONResponse(request_totals(connection))
+        finally:
+            connection.close()
+
     open_store(db_path).close()
     routes = [
         Route("/detections", detections, methods=["POST"]),
         Route("/received", received, methods=["GET"]),
+        Route("/requests", requests, methods=["GET"]),
     ]
     return Starlette(routes=routes)
 
 
+@contextmanager
+def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction per request, so a batch's records and its log row land together."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
 class Receiver:
-    """Runs `python -m testbed.receiver` on a loopback port; stop() and start() again keep the port."""
+    """Runs `python -m testbed.receiver` on a loopback port; stop() and start() again keep the port.
+
+    With dynamodb_endpoint and table, records go to that DynamoDB (e.g. moto's server) instead of
+    the SQLite file, as the Lambda function writes them; requests are still logged in the file.
+    """
 
     def __init__(
         self,
@@ -129,9 +193,17 @@ class Receiver:
         *,
         port: int | None = None,
         startup_timeout_s: float = 30.0,
+        dynamodb_endpoint: str | None = None,
+        table: str | None = None,
+        environment: dict[str, str] | None = None,
     ) -> None:
+        if (dynamodb_endpoint is None) != (table is None):
+            raise ValueError("give both dynamodb_endpoint and table, or neither")
         self.api_key = api_key
         self.port = port
+        self.dynamodb_endpoint = dynamodb_endpoint
+        self.table = table
+        self.environment = environment or {}
         self.startup_timeout_s = startup_timeout_s
         self._temp_dir: tempfile.TemporaryDirectory[str] | None = None
         if db_path is None:
@@ -163,6 +235,8 @@ class Receiver:
             sys.executable, "-m", "testbed.receiver",
             "--port", str(self.port), "--db", str(self.db_path), "--api-key", self.api_key,
         ]
+        if self.dynamodb_endpoint is not None and self.table is not None:
+            command += ["--dynamodb-endpoint", self.dynamodb_endpoint, "--table", self.table]
         path = os.pathsep.join(filter(None, [str(REPO_DIR), os.environ.get("PYTHONPATH")]))
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -171,7 +245,7 @@ class Receiver:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": path},
+                env={**os.environ, **self.environment, "PYTHONPATH": path},
                 start_new_session=True,
             )
         try:
@@ -191,8 +265,13 @@ class Receiver:
             self.process = None
 
     def received(self) -> list[dict[str, Any]]:
-        """What the receiver has stored, via GET /received."""
+        """One entry per snapshot record stored (SQLite mode), via GET /received."""
         with urllib.request.urlopen(f"{self.url}/received", timeout=5.0) as response:
+            return json.load(response)
+
+    def requests(self) -> dict[str, int]:
+        """Requests answered, those accepted, and the body bytes they carried, via GET /requests."""
+        with urllib.request.urlopen(f"{self.url}/requests", timeout=5.0) as response:
             return json.load(response)
 
     def close(self) -> None:
@@ -220,8 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1")
     parser.add_argument("--db", type=Path, required=True, help="SQLite file the payloads go to")
     parser.add_argument("--api-key", required=True, help="the X-API-Key value to accept")
+    parser.add_argument("--dynamodb-endpoint", help="store records in this DynamoDB (e.g. moto) ...")
+    parser.add_argument("--table", help="... in this table")
     args = parser.parse_args(argv)
-    app = create_app(args.db, args.api_key)
+    record_store = None
+    if args.dynamodb_endpoint and args.table:
+        resource = boto3.resource("dynamodb", endpoint_url=args.dynamodb_endpoint)
+        record_store = DynamoRecordStore(resource.Table(args.table))
+    app = create_app(args.db, args.api_key, record_store)
     uvicorn.run(app, host=LOOPBACK, port=args.port, log_level="warning", access_log=False)
     return 0
 

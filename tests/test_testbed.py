@@ -87,24 +87,38 @@ def test_receiver_refuses_a_missing_or_wrong_api_key(receiver):
     assert receiver.received() == []
 
 
+def _batch(*stems: str) -> dict:
+    """A valid one-camera ingest batch of keyframes, one per stem."""
+    records = [
+        {"key": f"lot-1/cam0/{stem}", "camera_id": "cam0", "captured_at": 1000.0 + index, "kind": "keyframe",
+         "occupied": ["1"], "vacant": [], "occupied_count": 1, "spaces": 1}
+        for index, stem in enumerate(stems)
+    ]
+    return {"schema_version": 1, "batch_key": f"lot-1/batch/{'0' * 23}{len(stems)}", "device_id": "lot-1",
+            "records": records}
+
+
 def test_receiver_records_each_idempotency_key_once(receiver):
     url = f"{receiver.url}/detections"
-    headers = {"X-API-Key": receiver.api_key, "Idempotency-Key": "lot-1/cam0/a", "Content-Encoding": "gzip"}
-    body = gzip.compress(json.dumps({"device_id": "lot-1", "n": 1}).encode())
+    headers = {"X-API-Key": receiver.api_key, "Content-Encoding": "gzip"}
+    body = gzip.compress(json.dumps(_batch("a")).encode())
 
     first = httpx.post(url, content=body, headers=headers)
     again = httpx.post(url, content=body, headers=headers)
-    other = httpx.post(url, json={"device_id": "lot-1", "n": 2},
-                       headers={"X-API-Key": receiver.api_key, "Idempotency-Key": "lot-1/cam0/b"})
+    plain = json.dumps(_batch("a", "b")).encode()
+    other = httpx.post(url, content=plain, headers={"X-API-Key": receiver.api_key})
 
     assert (first.status_code, again.status_code, other.status_code) == (200, 200, 200)
-    assert (first.json()["status"], again.json()["status"]) == ("accepted", "duplicate")
+    assert (first.json()["accepted"], again.json()["duplicates"]) == (1, 1)
+    assert (other.json()["accepted"], other.json()["duplicates"]) == (1, 1)
     received = receiver.received()
     assert [(post["idempotency_key"], post["deliveries"]) for post in received] == [
-        ("lot-1/cam0/a", 2), ("lot-1/cam0/b", 1),
+        ("lot-1/cam0/a", 3), ("lot-1/cam0/b", 1),
     ]
-    assert [post["payload"]["n"] for post in received] == [1, 2]
     assert [post["content_encoding"] for post in received] == ["gzip", None]
+    totals = receiver.requests()
+    assert (totals["requests"], totals["accepted"]) == (3, 3)
+    assert totals["body_bytes"] == 2 * len(body) + len(plain)
 
 
 def test_receiver_rejects_unreadable_bodies(receiver):
@@ -116,8 +130,8 @@ def test_receiver_rejects_unreadable_bodies(receiver):
 
 
 def test_receiver_restart_keeps_its_port_and_store(receiver):
-    headers = {"X-API-Key": receiver.api_key, "Idempotency-Key": "k"}
-    httpx.post(f"{receiver.url}/detections", json={"n": 1}, headers=headers)
+    headers = {"X-API-Key": receiver.api_key}
+    httpx.post(f"{receiver.url}/detections", json=_batch("k"), headers=headers)
     url = receiver.url
 
     receiver.stop()
@@ -126,4 +140,4 @@ def test_receiver_restart_keeps_its_port_and_store(receiver):
     receiver.start()
 
     assert receiver.url == url
-    assert [post["idempotency_key"] for post in receiver.received()] == ["k"]
+    assert [post["idempotency_key"] for post in receiver.received()] == ["lot-1/cam0/k"]

@@ -197,20 +197,20 @@ def test_upload_puts_both_objects_posts_once_and_records(
         assert metadata["ContentEncoding"] == "gzip"
         assert json.loads(gzip.decompress(metadata["Body"].read())) == snapshot.result
 
-    received = {post["idempotency_key"]: post for post in receiver.received()}
+    received = {record["idempotency_key"]: record for record in receiver.received()}
     assert set(received) == {f"{device_id}/{CAMERA_ID}/{snapshot.stem}" for snapshot in seeded}
     for snapshot in seeded:
-        post = received[f"{device_id}/{CAMERA_ID}/{snapshot.stem}"]
-        assert post["deliveries"] == 1
-        assert post["content_encoding"] == "gzip"
-        payload = post["payload"]
-        assert payload["device_id"] == device_id
-        assert payload["camera_id"] == CAMERA_ID
-        assert payload["idempotency_key"] == post["idempotency_key"]
-        assert payload["detection_results"] == snapshot.result
-        stamp = datetime.fromisoformat(payload["timestamp"].replace("Z", "+00:00"))
-        assert stamp.timestamp() == pytest.approx(snapshot.captured_at)
-        assert datetime.fromisoformat(payload["upload_timestamp"].replace("Z", "+00:00")).year >= 2024
+        record = received[f"{device_id}/{CAMERA_ID}/{snapshot.stem}"]
+        assert record["deliveries"] == 1
+        assert record["content_encoding"] == "gzip"
+        assert (record["device_id"], record["camera_id"]) == (device_id, CAMERA_ID)
+        assert record["captured_at"] == snapshot.captured_at
+        assert record["zones"] == {"1": True, "2": False}
+    # Two rounds of two: a keyframe, then deltas on it, the second round chained on the first.
+    assert [received[f"{device_id}/{CAMERA_ID}/{s.stem}"]["kind"] for s in seeded] == [
+        "keyframe", "delta", "delta",
+    ]
+    assert receiver.requests()["requests"] == 2
 
     uploads = {row["snapshot_id"]: row for row in execute(settings, "SELECT * FROM uploads")}
     assert set(uploads) == {snapshot.snapshot_id for snapshot in seeded}
@@ -220,9 +220,15 @@ def test_upload_puts_both_objects_posts_once_and_records(
         assert row["metadata_key"] == f"metadata/{snapshot.day}/{snapshot.stem}.json"
         assert row["image_bytes"] == len(snapshot.jpeg)
         assert row["posted"] == 1
+        assert row["image_key"] != ""
     assert [job["state"] for job in jobs_of(settings)] == ["done"] * len(seeded)
     beat = execute(settings, "SELECT * FROM heartbeats WHERE process = 'upload'")
-    assert json.loads(beat[0]["detail"])["backlog"] == 0
+    detail = json.loads(beat[0]["detail"])
+    assert detail["backlog"] == 0
+    jpeg_bytes = sum(len(snapshot.jpeg) for snapshot in seeded)
+    assert detail["bytes"]["images"] == {"requests": 3, "raw_bytes": jpeg_bytes, "wire_bytes": jpeg_bytes}
+    assert detail["bytes"]["ingest"]["requests"] == 2
+    assert 0 < detail["bytes"]["metadata"]["wire_bytes"] < detail["bytes"]["metadata"]["raw_bytes"]
 
 
 def test_rerunning_a_done_job_changes_nothing_at_the_receiver(
@@ -237,7 +243,10 @@ def test_rerunning_a_done_job_changes_nothing_at_the_receiver(
     assert run(settings, once=True) == 0
 
     second = receiver.received()
-    assert [post["payload"] for post in second] == [post["payload"] for post in first]
+    unchanged = ("idempotency_key", "captured_at", "kind", "zones", "batch_key")
+    assert [[post[field] for field in unchanged] for post in second] == [
+        [post[field] for field in unchanged] for post in first
+    ]
     assert [post["deliveries"] for post in second] == [2] * len(seeded)
     assert s3_server.count_objects(s3_server.data_bucket, f"snapshots/{seeded[0].day}/{device_id}_") == 3
     assert len(execute(settings, "SELECT * FROM uploads")) == len(seeded)
@@ -258,7 +267,7 @@ def test_uncompressed_upload_sends_plain_json(tmp_path, data_dir, frames, device
     assert json.loads(metadata["Body"].read()) == seeded[0].result
     [post] = receiver.received()
     assert post["content_encoding"] is None
-    assert post["payload"]["detection_results"] == seeded[0].result
+    assert post["zones"] == {"1": True, "2": False}
 
 
 def test_without_api_endpoint_only_s3_is_written(tmp_path, data_dir, frames, device_id, s3_server, receiver):
@@ -281,8 +290,10 @@ def test_once_with_nothing_due_exits_zero_and_beats(tmp_path, data_dir, device_i
 
     [beat] = execute(settings, "SELECT * FROM heartbeats WHERE process = 'upload'")
     assert beat["status"] == "stopped"
+    nothing = {"requests": 0, "raw_bytes": 0, "wire_bytes": 0}
     assert json.loads(beat["detail"]) == {
         "backlog": 0, "in_flight": 0, "uploaded": 0, "failed": 0, "last_error": None,
+        "bytes": {"images": nothing, "metadata": nothing, "ingest": nothing},
     }
 
 

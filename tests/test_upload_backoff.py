@@ -52,6 +52,7 @@ def test_permanent_errors_park_on_the_first_attempt():
         (IngestRejected(403, "forbidden"), PERMANENT),
         (IngestRejected(404, "no route"), PERMANENT),
         (IngestRejected(408, "timeout"), TRANSIENT),
+        (IngestRejected(409, "no base record; send a keyframe"), TRANSIENT),
         (IngestRejected(429, "throttled"), TRANSIENT),
         (IngestRejected(500, "oops"), TRANSIENT),
         (IngestRejected(503, "busy"), TRANSIENT),

@@ -12,8 +12,9 @@ PERMANENT_S3_CODES = frozenset(
     {"AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidBucketName"}
 )
 
-# HTTP 4xx statuses that mean "try again later" rather than "this request is wrong".
-RETRYABLE_CLIENT_STATUSES = frozenset({408, 429})
+# HTTP 4xx statuses that mean "try again later" rather than "this request is wrong"; 409 is the
+# ingest function missing a delta's base, which the next try answers with a keyframe.
+RETRYABLE_CLIENT_STATUSES = frozenset({408, 409, 429})
 
 
 class IngestRejected(Exception):

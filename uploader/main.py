@@ -74,7 +74,11 @@ async def _idle_while_disabled(connection: sqlite3.Connection, stop: StopFlag, o
 
 
 async def _rounds(stage: UploadStage, stop: StopFlag, once: bool, poll_s: float) -> None:
-    """Claim and upload round after round; a full batch is followed at once by the next claim."""
+    """Claim and upload round after round; a full batch is followed at once by the next claim.
+
+    After a round that delivered nothing because the cloud was away, the next claim waits for the
+    stage's backoff (retry_base_s doubling to retry_cap_s), so an outage costs few requests.
+    """
     batch_size = stage.settings.upload.batch_size
     while not stop.stopped:
         try:
@@ -86,7 +90,11 @@ async def _rounds(stage: UploadStage, stop: StopFlag, once: bool, poll_s: float)
             continue
         if once and claimed == 0:
             return
-        if not once and claimed < batch_size:
+        pause_s = stage.pause_s()
+        if not once and pause_s > 0:
+            log.info("upload_backing_off", failed_rounds=stage.failed_rounds, pause_s=round(pause_s, 2))
+            await _sleep_unless_stopped(stop, pause_s)
+        elif not once and claimed < batch_size:
             await _sleep_unless_stopped(stop, poll_s)
 
 

@@ -1,14 +1,12 @@
-"""What one upload sends: the snapshot's object keys, its metadata JSON and the ingest payload."""
+"""What one snapshot upload is made of: its object keys, its idempotency key and its metadata JSON."""
 
 from __future__ import annotations
 
 import gzip
-import json
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from uploader.errors import SnapshotUnavailable
 
@@ -72,17 +70,6 @@ class SnapshotUpload:
             "device_id": self.device_id,
             "camera_id": self.camera_id,
             "captured_at": self.captured_at_iso,
-        }
-
-    def ingest_payload(self, upload_time: float) -> dict[str, Any]:
-        """The JSON body POSTed to the ingest endpoint."""
-        return {
-            "device_id": self.device_id,
-            "camera_id": self.camera_id,
-            "timestamp": self.captured_at_iso,
-            "idempotency_key": self.idempotency_key,
-            "detection_results": json.loads(self.result_json),
-            "upload_timestamp": iso_utc(upload_time),
         }
 
 

@@ -1,0 +1,1 @@
+"""The AWS side of parkmon: CloudFormation template and the ingest Lambda function."""

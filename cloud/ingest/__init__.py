@@ -1,0 +1,1 @@
+"""The ingest Lambda function: validate a batch, rebuild full zone state, store it once per record."""
