@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from shared.config import Settings
 from shared.status import read_heartbeats, read_queue, read_zones_occupied, reading
+from uploader.accounting import read_byte_totals
 
 __all__ = ["CONTENT_TYPE_LATEST", "DatabaseCollector", "metrics_registry", "render_metrics"]
 
@@ -32,6 +33,7 @@ def _read_sample(connection: sqlite3.Connection, settings: Settings, now: float)
         "snapshots": _count_by_camera(connection, "snapshots", settings),
         "detections": _count_by_camera(connection, "detections", settings),
         "uploads": connection.execute("SELECT count(*) FROM uploads").fetchone()[0],
+        "upload_bytes": read_byte_totals(connection),
         "zone_events": _count_by_camera(connection, "zone_events", settings),
         "jobs": read_queue(connection),
         "oldest_waiting_s": {row["stage"]: max(0.0, now - row["oldest_created_at"]) for row in oldest},
@@ -101,6 +103,21 @@ class DatabaseCollector(Collector):
             GaugeMetricFamily("parkmon_zones_configured", "Zones configured.", labels=["camera_id"]),
             {camera.id: len(camera.parking_zones) for camera in self.settings.cameras},
         )
+
+        upload_bytes = CounterMetricFamily(
+            "parkmon_upload_bytes",
+            "Bytes delivered per destination, before (raw) and after (wire) compression.",
+            labels=["destination", "kind"],
+        )
+        upload_requests = CounterMetricFamily(
+            "parkmon_upload_requests", "Requests delivered per destination.", labels=["destination"]
+        )
+        for destination, totals in sample["upload_bytes"].items():
+            upload_bytes.add_metric([destination, "raw"], totals["raw_bytes"])
+            upload_bytes.add_metric([destination, "wire"], totals["wire_bytes"])
+            upload_requests.add_metric([destination], totals["requests"])
+        yield upload_bytes
+        yield upload_requests
 
         ages = GaugeMetricFamily(
             "parkmon_heartbeat_age_seconds", "Seconds since the process last beat.", labels=["process"]

@@ -128,9 +128,11 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    """Time and score parkmon's detector against SAHI and a bare predict on the same frames."""
-    from detect.bench import main as bench_main
-
+    """Run a benchmark: detect (vs SAHI and a bare predict) or upload (vs a naive uploader)."""
+    if args.bench_command == "detect":
+        from detect.bench import main as bench_main
+    else:
+        from uploader.bench import main as bench_main
     return int(bench_main(args.bench_args) or 0)
 
 
@@ -197,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         "detect", help="parkmon's tiled detector vs SAHI vs a bare predict", add_help=False
     )
     bench_detect.set_defaults(handler=command_bench, passes_arguments_on=True)
+    bench_upload = bench_commands.add_parser(
+        "upload", help="wire bytes and requests vs a naive one-JSON-per-snapshot uploader", add_help=False
+    )
+    bench_upload.set_defaults(handler=command_bench, passes_arguments_on=True)
 
     launchd = commands.add_parser("launchd", help="write LaunchAgent plists for the Mac", parents=[common])
     launchd.add_argument("--out", default=str(Path.home() / "Library" / "LaunchAgents"))

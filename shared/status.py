@@ -11,6 +11,7 @@ from typing import Any
 from shared.config import Settings
 from shared.db import connect
 from shared.jobs import STAGES, queue_counts
+from uploader.accounting import DESTINATIONS, read_byte_totals
 
 PROCESSES = ("capture", "detect", "upload")
 JOB_STATES = ("pending", "leased", "done", "failed")
@@ -84,6 +85,9 @@ def _empty_report(settings: Settings) -> dict[str, Any]:
         "queue": {stage: dict.fromkeys(JOB_STATES, 0) for stage in STAGES},
         "zones_occupied": {camera.id: 0 for camera in settings.cameras},
         "zones_configured": {camera.id: len(camera.parking_zones) for camera in settings.cameras},
+        "upload_bytes": {
+            destination: {"requests": 0, "raw_bytes": 0, "wire_bytes": 0} for destination in DESTINATIONS
+        },
         "processes": dict.fromkeys(PROCESSES),
     }
 
@@ -107,6 +111,7 @@ def status_report(settings: Settings, now: float | None = None) -> dict[str, Any
         report["zone_events"] = count_rows(connection, "zone_events")
         report["queue"] = read_queue(connection)
         report["zones_occupied"] = read_zones_occupied(connection, settings)
+        report["upload_bytes"] = read_byte_totals(connection)
         heartbeats = read_heartbeats(connection, now)
 
     report["processes"] = {**dict.fromkeys(PROCESSES), **heartbeats}

@@ -109,3 +109,30 @@ def test_format_status_names_every_count(settings):
     assert "  north    1 of 2" in lines
     assert "  capture  never seen" in lines
     assert any(line.startswith("  detect   beat ") and "pid 55, running (idle)" in line for line in lines)
+
+
+def test_status_and_metrics_report_upload_bytes_per_destination(settings):
+    from starlette.testclient import TestClient
+
+    from api.app import create_app
+    from shared.db import immediate
+    from uploader.accounting import ByteTally, record_bytes
+
+    db = open_database(settings.database_path)
+    for _ in range(2):
+        tally = ByteTally()
+        tally.add("ingest", raw_bytes=1000, wire_bytes=250)
+        tally.add("images", raw_bytes=300_000, wire_bytes=300_000)
+        with immediate(db):
+            record_bytes(db, tally)
+    db.close()
+
+    report = status_report(settings)
+    assert report["upload_bytes"]["ingest"] == {"requests": 2, "raw_bytes": 2000, "wire_bytes": 500}
+    assert report["upload_bytes"]["images"]["wire_bytes"] == 600_000
+    assert report["upload_bytes"]["metadata"] == {"requests": 0, "raw_bytes": 0, "wire_bytes": 0}
+
+    metrics = TestClient(create_app(settings)).get("/metrics").text
+    assert 'parkmon_upload_bytes_total{destination="ingest",kind="raw"} 2000.0' in metrics
+    assert 'parkmon_upload_bytes_total{destination="ingest",kind="wire"} 500.0' in metrics
+    assert 'parkmon_upload_requests_total{destination="images"} 2.0' in metrics
