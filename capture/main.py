@@ -76,6 +76,8 @@ class CameraWorker(threading.Thread):
         self.once = once
         self.interval_s = settings.processing.snapshot_interval
         self.state = "starting"
+        # Set when the source cannot exist (missing folder, unreadable file): a restart would not help.
+        self.source_invalid = False
         self.busy_with: str | None = None
         self.busy_since = 0.0
         self.snapshots = 0
@@ -144,6 +146,7 @@ class CameraWorker(threading.Thread):
                 source = open_source(self.camera, self.interval_s, loop=not self.once)
             except SourceNotFound as error:
                 self.state = "failed"
+                self.source_invalid = True
                 log.error("camera_source_invalid", camera_id=self.camera.id, source=source_text,
                           error=str(error))
                 return None
@@ -255,6 +258,18 @@ def _track_stalls(workers: list[CameraWorker], stalled: set[str], stall_after_s:
             log.info("camera_recovered", camera_id=camera_id)
 
 
+def _keep_running(workers: list[CameraWorker], once: bool) -> bool:
+    """Whether the capture process should go on: some camera still runs, or only bad sources are left.
+
+    As a service, cameras whose source cannot exist leave the process up, beating "degraded: failed:
+    <camera>", instead of exiting into a launchd restart loop that cannot fix a config mistake. A camera
+    that stopped for any other reason ends the process once no camera runs, so launchd restarts it.
+    """
+    if any(worker.is_alive() for worker in workers):
+        return True
+    return not once and all(worker.source_invalid for worker in workers)
+
+
 def run(settings: Settings, *, once: bool = False, stop: StopFlag | None = None) -> int:
     """Capture every configured camera until SIGTERM, or until each replay ends when `once`."""
     stop = stop or StopFlag().install()
@@ -271,9 +286,7 @@ def run(settings: Settings, *, once: bool = False, stop: StopFlag | None = None)
         worker.start()
 
     stalled: set[str] = set()
-    # As a service the process stays up (beating "degraded: failed: <camera>") after a camera fails for
-    # good, instead of exiting into a launchd restart loop; with once it ends with the last camera.
-    while not once or any(worker.is_alive() for worker in workers):
+    while _keep_running(workers, once):
         _track_stalls(workers, stalled, stall_after_s)
         try:
             heartbeat.beat(*_health(workers, stalled, once))

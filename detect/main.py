@@ -124,9 +124,22 @@ class DetectStage:
         """Schedule the job again: soon with doubling delays, or parked after repeated failures."""
         parked = permanent or job.attempts >= PARK_AFTER_ATTEMPTS
         delay_s = PARKED_RETRY_S if parked else _retry_delay_s(job.attempts)
-        held = retry_later(self.connection, job, error, delay_s, parked=parked, error_kind=kind)
+        try:
+            held = retry_later(self.connection, job, error, delay_s, parked=parked, error_kind=kind)
+        except sqlite3.OperationalError as db_error:
+            # The lease runs out and the job is claimed again; nothing is lost.
+            log.warning("detect_give_back_failed", job_id=job.id, error=str(db_error))
+            held = False
         log.warning("detect_retry", job_id=job.id, snapshot_id=job.snapshot_id, error=error, error_kind=kind,
                     attempts=job.attempts, delay_s=delay_s, parked=parked, lease_held=held)
+
+
+def _beat(heartbeat: Heartbeat, status: str) -> None:
+    """Write the heartbeat; a locked database only delays it."""
+    try:
+        heartbeat.beat(status)
+    except sqlite3.OperationalError as error:
+        log.warning("heartbeat_failed", error=str(error))
 
 
 def _stop_flag() -> StopFlag:
@@ -158,16 +171,24 @@ def run(settings: Settings, *, once: bool = False) -> int:
     log.info("detect_started", owner=stage.owner, once=once)
     try:
         while not stop.stopped:
-            jobs = claim(connection, DETECT, stage.owner, settings.database.lease_s, limit=1)
+            try:
+                jobs = claim(connection, DETECT, stage.owner, settings.database.lease_s, limit=1)
+            except sqlite3.OperationalError as error:
+                log.warning("detect_claim_failed", error=str(error))
+                stop.sleep(IDLE_POLL_S)
+                continue
             if not jobs:
                 if once:
                     break
-                heartbeat.beat("idle")
+                _beat(heartbeat, "idle")
                 stop.sleep(IDLE_POLL_S)
                 continue
-            heartbeat.beat("running")
+            _beat(heartbeat, "running")
             stage.process(jobs[0])
-        heartbeat.beat("stopped", force=True)
+        try:
+            heartbeat.beat("stopped", force=True)
+        except sqlite3.OperationalError as error:
+            log.warning("heartbeat_failed", error=str(error))
     finally:
         connection.close()
     log.info("detect_stopped", once=once)

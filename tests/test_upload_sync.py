@@ -22,10 +22,11 @@ from test_upload import data_dir, device_id, execute, jobs_of, make_due_now, mak
 import uploader.s3
 from shared.db import open_database
 from testbed.seaweed import SeaweedServer
-from uploader.bench import Frame, frames, seed_device
+from uploader.bench import seed_device
 from uploader.delta import SentState, zone_states
 from uploader.main import run
 from uploader.pacing import BandwidthCap
+from uploader.replay import Frame, frames
 from uploader.sync import load_sent_states, require_keyframe, save_sent_state
 
 pytestmark = pytest.mark.usefixtures("s3_credentials")

@@ -1,10 +1,12 @@
 """Upload benchmark: the 63 PKLot frames as four cameras, batched deltas against one full JSON per snapshot.
 
-Run as `.venv/bin/python -m uploader.bench`. It starts a local SeaweedFS and the local ingest
-receiver (which runs the ingest function), seeds a device database with the frames and detection
-results made from the PKLot XML labels (one vehicle box per occupied space: this measures sync, not
-detection), runs the upload stage, and prints request counts, metadata bytes on the wire, whether the
-cloud's rebuilt state equals the device's at every record, and throughput with 1 and N workers.
+Run as `.venv/bin/python -m uploader.bench` (or `parkmon bench upload`). It starts a local SeaweedFS
+and the local ingest receiver (which runs the ingest function), builds a device database from the
+frames, runs the upload stage, and prints request counts, metadata bytes on the wire, whether the
+cloud's rebuilt state equals the device's at every keyframe and record, and throughput with 1 and N
+workers. By default the device state is what parkmon's detect stage decides on the frames (the
+frames go through detect, then upload); with --labels it is made from the PKLot XML labels instead
+(one vehicle box per occupied space), which measures sync alone, without the detector.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,40 +30,23 @@ from shared.pklot import LabelledSpace, read_pklot_spaces
 from testbed.receiver import Receiver
 from testbed.seaweed import SeaweedServer
 from uploader.accounting import read_byte_totals
+from uploader.bench_detect import (
+    DEFAULT_MODEL,
+    detected_results,
+    label_agreement,
+    run_detect_stage,
+    seed_captured,
+)
 from uploader.delta import zone_states
 from uploader.main import run
 from uploader.payload import iso_utc
+from uploader.replay import Frame, camera_configs, frames, insert_snapshot
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-PKLOT_DIR = REPO_DIR.parent / "shared" / "data" / "pklot"
-SERIES = {"pucpr-sunny": "PUCPR/Sunny", "pucpr-rainy": "PUCPR/Rainy", "ufpr04": "UFPR04/Cloudy",
-          "ufpr05": "UFPR05/Rainy"}
 BENCH_KEY = "parkmon-bench"
 S3_KEY = "bench"
 CAR_CLASS_ID = 2
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One PKLot frame replayed as a snapshot of one camera."""
-
-    camera_id: str
-    jpeg: Path
-    captured_at: float
-
-
-def frames(pklot_dir: Path = PKLOT_DIR) -> list[Frame]:
-    """Every frame of the four series, interleaved the way four cameras running side by side would be."""
-    series = {
-        camera_id: sorted((pklot_dir / relative).glob("*.jpg")) for camera_id, relative in SERIES.items()
-    }
-    replay: list[Frame] = []
-    for index in range(max(len(paths) for paths in series.values())):
-        for camera_id, paths in series.items():
-            if index < len(paths):
-                stamp = datetime.strptime(paths[index].stem, "%Y-%m-%d_%H_%M_%S").replace(tzinfo=UTC)
-                replay.append(Frame(camera_id, paths[index], stamp.timestamp()))
-    return replay
+DETECTOR = "detector"
+LABELS = "labels"
 
 
 def _box(contour: list[list[float]]) -> list[float]:
@@ -90,36 +73,37 @@ def label_result(
     }
 
 
-def seed_device(data_dir: Path, device_id: str, replay: list[Frame]) -> list[dict[str, Any]]:
-    """Write snapshots (JPEGs linked in), detection results and UPLOAD jobs; return the results."""
+def seed_device(
+    data_dir: Path, device_id: str, replay: list[Frame], detected: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Write snapshots (JPEGs linked in), detection results and UPLOAD jobs; return the results.
+
+    The results are made from the PKLot labels, or with `detected` (one per frame) are those results
+    carried over to this device's snapshots.
+    """
     connection = open_database(data_dir / "parkmon.db")
     results = []
-    for frame in replay:
-        moment = datetime.fromtimestamp(frame.captured_at, UTC)
-        name = f"{device_id}_{frame.camera_id}_{moment.strftime('%Y%m%dT%H%M%S_%f')}Z.jpg"
-        relative = f"snapshots/{moment.strftime('%Y/%m/%d')}/{name}"
-        (data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(frame.jpeg, data_dir / relative)
-        snapshot_id = connection.execute(
-            """INSERT INTO snapshots (device_id, camera_id, captured_at, path, bytes, width, height,
-                   source_name) VALUES (?, ?, ?, ?, ?, 1280, 720, ?)""",
-            (device_id, frame.camera_id, frame.captured_at, relative, frame.jpeg.stat().st_size,
-             frame.jpeg.name),
-        ).lastrowid
-        assert snapshot_id is not None
-        spaces = read_pklot_spaces(frame.jpeg.with_suffix(".xml"))
-        result = label_result(device_id, frame.camera_id, snapshot_id, frame.captured_at, name, spaces)
+    for index, frame in enumerate(replay):
+        snapshot = insert_snapshot(connection, data_dir, device_id, frame)
+        if detected is None:
+            spaces = read_pklot_spaces(frame.jpeg.with_suffix(".xml"))
+            result = label_result(
+                device_id, frame.camera_id, snapshot.snapshot_id, frame.captured_at, snapshot.name, spaces
+            )
+        else:
+            result = {**detected[index], "device_id": device_id, "snapshot_id": snapshot.snapshot_id,
+                      "image": snapshot.name}
         now = time.time()
         connection.execute(
             """INSERT INTO detections (snapshot_id, device_id, camera_id, detected_at, model, inference_ms,
-                   vehicles, spaces, occupied, result_json) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?)""",
-            (snapshot_id, device_id, frame.camera_id, now, result["model"], len(result["vehicles"]),
-             result["spaces"], result["occupied"], json.dumps(result)),
+                   vehicles, spaces, occupied, result_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (snapshot.snapshot_id, device_id, frame.camera_id, now, result["model"], result["inference_ms"],
+             len(result["vehicles"]), result["spaces"], result["occupied"], json.dumps(result)),
         )
         connection.execute(
             """INSERT INTO jobs (stage, snapshot_id, available_at, created_at, updated_at)
                VALUES ('upload', ?, ?, ?, ?)""",
-            (snapshot_id, now, now, now),
+            (snapshot.snapshot_id, now, now, now),
         )
         results.append(result)
     connection.close()
@@ -138,9 +122,10 @@ def naive_body(result: dict[str, Any], device_id: str) -> bytes:
 
 
 def device_settings(
-    work_dir: Path, s3: SeaweedServer, receiver: Receiver, device_id: str, upload: dict[str, Any]
+    work_dir: Path, s3: SeaweedServer, receiver: Receiver, device_id: str, upload: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> Settings:
-    """A device config pointing at the local servers."""
+    """A device config pointing at the local servers (`extra`: more top-level sections)."""
     config = {
         "device_id": device_id, "data_dir": str(work_dir / device_id), "log_level": "WARNING",
         "upload": upload,
@@ -148,22 +133,27 @@ def device_settings(
             "region": "us-east-1", "data_bucket": s3.data_bucket, "metadata_bucket": s3.metadata_bucket,
             "s3_endpoint_url": s3.endpoint_url, "api_endpoint": receiver.url, "api_key": receiver.api_key,
         },
+        **(extra or {}),
     }
     path = work_dir / f"{device_id}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return load_settings(path)
 
 
-def states_match(receiver: Receiver, results: list[dict[str, Any]], device_id: str) -> tuple[int, int, int]:
-    """Records the cloud rebuilt equal to the device's state, records in all, and how many were keyframes."""
+def states_match(receiver: Receiver, results: list[dict[str, Any]], device_id: str) -> dict[str, int]:
+    """How many records, and how many keyframes, the cloud rebuilt equal to the device's state."""
     device = {
         f"{device_id}/{result['camera_id']}/{Path(result['image']).stem}": zone_states(result)
         for result in results
     }
     received = [record for record in receiver.received() if record["device_id"] == device_id]
-    equal = sum(1 for record in received if device.get(record["idempotency_key"]) == record["zones"])
-    keyframes = sum(1 for record in received if record["kind"] == "keyframe")
-    return equal, len(device), keyframes
+    equal = [device.get(record["idempotency_key"]) == record["zones"] for record in received]
+    keyframes = [record["kind"] == "keyframe" for record in received]
+    return {
+        "records": len(device), "received": len(received), "rebuilt_equal": sum(equal),
+        "keyframes": sum(keyframes),
+        "keyframes_equal": sum(1 for same, key in zip(equal, keyframes, strict=True) if same and key),
+    }
 
 
 def timed_run(settings: Settings) -> float:
@@ -182,44 +172,85 @@ def _uploaded(settings: Settings) -> int:
         connection.close()
 
 
-def benchmark(work_dir: Path, batch_size: int, workers: int) -> dict[str, Any]:
-    """Run the wire-size and throughput measurements; return the figures."""
-    replay = frames()
+def _sync_device(
+    work_dir: Path, s3: SeaweedServer, receiver: Receiver, replay: list[Frame], upload: dict[str, Any],
+    mode: str, model: Path,
+) -> tuple[Settings, list[dict[str, Any]], dict[str, Any]]:
+    """The device whose uploads are measured, its frames detected (or labelled) and queued for upload."""
+    device_id = "bench-sync"
+    if mode == LABELS:
+        settings = device_settings(work_dir, s3, receiver, device_id, upload)
+        results = seed_device(settings.data_dir, device_id, replay)
+        return settings, results, {"mode": LABELS, "model": "pklot-labels"}
+    extra = {"cameras": camera_configs(), "detection": {"model": str(model)}}
+    settings = device_settings(work_dir, s3, receiver, device_id, upload, extra)
+    seeded = seed_captured(settings.data_dir, device_id, replay)
+    detect_seconds = run_detect_stage(settings)
+    results = detected_results(settings, seeded)
+    agreed, labelled = label_agreement(replay, results)
+    return settings, results, {
+        "mode": DETECTOR, "model": ", ".join(sorted({result["model"] for result in results})),
+        "detect_seconds": detect_seconds,
+        "label_agreement": {"agreed": agreed, "labelled": labelled},
+    }
+
+
+def benchmark(work_dir: Path, batch_size: int, workers: int, mode: str = DETECTOR,
+              model: Path = DEFAULT_MODEL, limit: int | None = None) -> dict[str, Any]:
+    """Run the wire-size and throughput measurements (on the first `limit` frames); return the figures."""
+    replay = frames()[:limit]
     os.environ.update({"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_KEY,
                        "AWS_EC2_METADATA_DISABLED": "true"})
     os.environ.pop("AWS_SESSION_TOKEN", None)
-    figures: dict[str, Any] = {"snapshots": len(replay), "cameras": len(SERIES), "batch_size": batch_size}
+    cameras = len({frame.camera_id for frame in replay})
+    figures: dict[str, Any] = {"snapshots": len(replay), "cameras": cameras, "batch_size": batch_size}
     with SeaweedServer(work_dir / "s3", access_key=S3_KEY, secret_key=S3_KEY) as s3, \
             Receiver(work_dir / "receiver" / "received.db", BENCH_KEY) as receiver:
         s3.create_buckets()
-        device_id = "bench-sync"
-        settings = device_settings(work_dir, s3, receiver, device_id,
-                                   {"batch_size": batch_size, "max_concurrent": workers})
-        results = seed_device(settings.data_dir, device_id, replay)
+        upload = {"batch_size": batch_size, "max_concurrent": workers}
+        settings, results, source = _sync_device(work_dir, s3, receiver, replay, upload, mode, model)
+        figures["source"] = source
         run(settings, once=True)
         connection = sqlite3.connect(settings.database_path)
         connection.row_factory = sqlite3.Row
         totals = read_byte_totals(connection)
         connection.close()
-        naive = [naive_body(result, device_id) for result in results]
-        equal, records, keyframes = states_match(receiver, results, device_id)
+        naive = [naive_body(result, settings.device_id) for result in results]
         figures.update({
             "naive": {"requests": len(naive), "bytes": sum(len(body) for body in naive)},
             "batched": {"requests": receiver.requests()["requests"], "bytes": totals["ingest"]["wire_bytes"],
                         "raw_bytes": totals["ingest"]["raw_bytes"]},
             "s3_metadata": totals["metadata"], "s3_images": totals["images"],
-            "records": records, "rebuilt_equal": equal, "keyframes": keyframes,
+            "occupied": sum(result["occupied"] for result in results),
+            "vehicles": sum(len(result["vehicles"]) for result in results),
+            **states_match(receiver, results, settings.device_id),
         })
         throughput = {}
         for count in sorted({1, workers}):
             device_id = f"bench-workers-{count}"
             settings = device_settings(work_dir, s3, receiver, device_id,
                                        {"batch_size": batch_size, "max_concurrent": count})
-            seed_device(settings.data_dir, device_id, replay)
+            seed_device(settings.data_dir, device_id, replay, results if mode == DETECTOR else None)
             seconds = timed_run(settings)
             throughput[count] = {"seconds": seconds, "snapshots": _uploaded(settings)}
         figures["throughput"] = throughput
     return figures
+
+
+def _source_line(figures: dict[str, Any]) -> str:
+    """Which mode made the device state, and what it was."""
+    source = figures["source"]
+    if source["mode"] == LABELS:
+        return ("mode: labels -- device state = PKLot XML labels, one vehicle box per occupied space "
+                "(sync is measured, not detection)")
+    agreement = source["label_agreement"]
+    share = 100 * agreement["agreed"] / agreement["labelled"]
+    return (
+        f"mode: detector -- device state = parkmon's detect stage (`parkmon run detect --once`, "
+        f"VehicleDetector + detect.analysis, {source['model']}): {figures['snapshots']} frames in "
+        f"{source['detect_seconds']:.1f} s; agrees with the PKLot labels on {share:.2f} % of "
+        f"{agreement['labelled']:,} labelled spaces"
+    )
 
 
 def report(figures: dict[str, Any]) -> str:
@@ -227,8 +258,10 @@ def report(figures: dict[str, Any]) -> str:
     naive, batched = figures["naive"], figures["batched"]
     ratio = batched["bytes"] / naive["bytes"]
     lines = [
+        _source_line(figures),
         f"replay: {figures['snapshots']} PKLot frames as {figures['cameras']} cameras, batch_size "
-        f"{figures['batch_size']}; device state = PKLot XML labels (sync is measured, not detection)",
+        f"{figures['batch_size']}; {figures['vehicles']:,} vehicles, {figures['occupied']:,} occupied "
+        f"spaces over all frames",
         f"naive  (one uncompressed full JSON POST per snapshot): {naive['requests']} requests, "
         f"{naive['bytes']:,} B",
         f"parkmon (gzip batches of keyframes + deltas):          {batched['requests']} requests, "
@@ -236,7 +269,7 @@ def report(figures: dict[str, Any]) -> str:
         f"metadata bytes ratio: {100 * ratio:.2f} % of naive; "
         f"requests {batched['requests']}/{naive['requests']}",
         f"cloud rebuilt state equal to the device's: {figures['rebuilt_equal']}/{figures['records']} records "
-        f"({figures['keyframes']} keyframes)",
+        f"({figures['received']} received), {figures['keyframes_equal']}/{figures['keyframes']} keyframes",
         f"S3 metadata JSON (per snapshot, gzip): {figures['s3_metadata']['wire_bytes']:,} B "
         f"({figures['s3_metadata']['raw_bytes']:,} B raw); images {figures['s3_images']['wire_bytes']:,} B",
     ]
@@ -251,17 +284,28 @@ def report(figures: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its figures."""
-    parser = argparse.ArgumentParser(prog="python -m uploader.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m uploader.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=10, help="upload.batch_size (MAX_BATCH_SIZE)")
     parser.add_argument(
         "--workers", type=int, default=5, help="upload.max_concurrent (MAX_CONCURRENT_UPLOADS)"
     )
+    parser.add_argument(
+        "--labels", action="store_true",
+        help="device state from the PKLot XML labels instead of the detect stage (sync alone)",
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="detector weights (detector mode)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="replay only the first N frames (interleaved across the cameras)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     configure_logging("WARNING", "upload")
+    mode = LABELS if args.labels else DETECTOR
+    if mode == DETECTOR and not args.model.is_file():
+        parser.error(f"--model: weights not found at {args.model}")
     work_dir = Path(tempfile.mkdtemp(prefix="parkmon-bench-"))
     try:
-        figures = benchmark(work_dir, args.batch_size, args.workers)
+        figures = benchmark(work_dir, args.batch_size, args.workers, mode, args.model.resolve(), args.limit)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     print(json.dumps(figures, indent=2) if args.json else report(figures))

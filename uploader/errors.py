@@ -29,6 +29,10 @@ class SnapshotUnavailable(Exception):
     """The snapshot, its image file or its detection result is not there to upload."""
 
 
+class ImageMissing(SnapshotUnavailable):
+    """The snapshot's JPEG is not on disk: retention deleted it (deleted_at set) or a real fault."""
+
+
 def s3_error_code(error: ClientError) -> str:
     """The S3 error code of a botocore ClientError, or '' when it has none."""
     return str(error.response.get("Error", {}).get("Code", ""))

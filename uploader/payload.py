@@ -20,7 +20,7 @@ WHERE s.id = ?
 
 @dataclass(frozen=True)
 class SnapshotUpload:
-    """One snapshot with its detection result, ready to be uploaded."""
+    """One snapshot with its detection result, ready to be uploaded; `deleted`: retention removed its JPEG."""
 
     snapshot_id: int
     device_id: str
@@ -28,6 +28,7 @@ class SnapshotUpload:
     captured_at: float
     path: str
     result_json: str
+    deleted: bool = False
 
     @property
     def file_name(self) -> str:
@@ -85,12 +86,14 @@ def encode_json(text: str, compress: bool) -> bytes:
 
 
 def load_snapshot_upload(connection: sqlite3.Connection, snapshot_id: int) -> SnapshotUpload:
-    """Read a snapshot and its detection result; raise SnapshotUnavailable if either is missing."""
+    """Read a snapshot and its detection result; raise SnapshotUnavailable if either is missing.
+
+    A snapshot whose JPEG retention deleted (deleted_at set) still loads, marked `deleted`: its
+    result is still owed to the cloud, only without the image.
+    """
     row = connection.execute(_SELECT, (snapshot_id,)).fetchone()
     if row is None:
         raise SnapshotUnavailable(f"snapshot {snapshot_id} is not in the database")
-    if row["deleted_at"] is not None:
-        raise SnapshotUnavailable(f"snapshot {snapshot_id} was deleted by retention before upload")
     if row["result_json"] is None:
         raise SnapshotUnavailable(f"snapshot {snapshot_id} has no detection result")
     return SnapshotUpload(
@@ -100,4 +103,11 @@ def load_snapshot_upload(connection: sqlite3.Connection, snapshot_id: int) -> Sn
         captured_at=row["captured_at"],
         path=row["path"],
         result_json=row["result_json"],
+        deleted=row["deleted_at"] is not None,
     )
+
+
+def deleted_by_retention(connection: sqlite3.Connection, snapshot_id: int) -> bool:
+    """Whether retention has marked the snapshot deleted (read afresh, e.g. after its file vanished)."""
+    row = connection.execute("SELECT deleted_at FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
+    return row is not None and row["deleted_at"] is not None

@@ -19,9 +19,9 @@ from shared.logging import get_logger
 from uploader.accounting import ByteTally, read_byte_totals, record_bytes
 from uploader.backoff import backoff_delay_s, plan_retry
 from uploader.delta import KeyframeRules, PlannedRecord, SentState, plan_camera
-from uploader.errors import TRANSIENT, classify, describe
+from uploader.errors import TRANSIENT, ImageMissing, classify, describe
 from uploader.images import image_wanted
-from uploader.payload import SnapshotUpload, load_snapshot_upload
+from uploader.payload import SnapshotUpload, deleted_by_retention, load_snapshot_upload
 from uploader.sync import load_sent_states, require_keyframe, save_sent_state, snapshot_skipped
 from uploader.worker import ObjectsResult, SnapshotUploader
 
@@ -191,12 +191,25 @@ class UploadStage:
             )
         return plans
 
-    async def _put(self, snapshot: SnapshotUpload, send_image: bool) -> ObjectsResult:
-        """One snapshot's S3 writes, within the concurrency limit."""
+    async def _put(self, job: Job, snapshot: SnapshotUpload, send_image: bool) -> ObjectsResult:
+        """One snapshot's S3 writes, within the concurrency limit; without the image if retention took it.
+
+        A JPEG missing from disk is a fault (parked as permanent) unless retention marked the snapshot
+        deleted; retention marks before it unlinks, so reading deleted_at after the miss decides.
+        """
         async with self._slots:
             self.in_flight += 1
             try:
-                return await self.uploader.put_objects(snapshot, send_image)
+                if snapshot.deleted:
+                    _log_without_image(job, snapshot)
+                try:
+                    return await self.uploader.put_objects(snapshot, send_image)
+                except ImageMissing:
+                    if snapshot.deleted or not deleted_by_retention(self.connection, snapshot.snapshot_id):
+                        raise
+                gone = dataclasses.replace(snapshot, deleted=True)
+                _log_without_image(job, gone)
+                return await self.uploader.put_objects(gone, send_image)
             finally:
                 self.in_flight -= 1
 
@@ -208,7 +221,7 @@ class UploadStage:
             for records in planned.values() for record in records
         }
         outcomes = await asyncio.gather(
-            *(self._put(snapshot, wanted[snapshot.snapshot_id]) for _, snapshot in loaded),
+            *(self._put(job, snapshot, wanted[snapshot.snapshot_id]) for job, snapshot in loaded),
             return_exceptions=True,
         )
         stored = []
@@ -270,7 +283,7 @@ class UploadStage:
         self._log_success(done, kinds, sum(len(records) for records in plans.values()), ingest)
 
     def _insert_upload(self, item: Stored, now: float) -> None:
-        """The uploads row of one finished snapshot; image_key is empty when the image policy skipped it."""
+        """The uploads row of one snapshot; image_key is empty when the policy or retention left the image."""
         objects = item.objects
         self.connection.execute(
             """INSERT OR REPLACE INTO uploads (snapshot_id, image_key, metadata_key, image_bytes,
@@ -318,3 +331,11 @@ class UploadStage:
                 "upload_failed", job_id=job.id, snapshot_id=job.snapshot_id, attempts=job.attempts,
                 error=message, error_kind=error_kind, parked=plan.parked, retry_in_s=round(plan.delay_s, 1),
             )
+
+
+def _log_without_image(job: Job, snapshot: SnapshotUpload) -> None:
+    """The snapshot's result goes to the cloud without its JPEG, which retention deleted."""
+    log.info(
+        "upload_without_image", job_id=job.id, snapshot_id=snapshot.snapshot_id, camera_id=snapshot.camera_id,
+        reason="deleted_by_retention",
+    )

@@ -11,7 +11,7 @@ import aiohttp
 from shared.config import Settings
 from uploader.accounting import IMAGES, INGEST, METADATA, ByteTally
 from uploader.batch import build_batch, encode_batch
-from uploader.errors import SnapshotUnavailable
+from uploader.errors import ImageMissing
 from uploader.images import reencode_jpeg
 from uploader.ingest import detections_url, post_batch
 from uploader.pacing import BandwidthCap
@@ -49,7 +49,7 @@ class SnapshotUploader:
         try:
             return await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError as error:
-            raise SnapshotUnavailable(f"snapshot {snapshot.snapshot_id} image is missing: {path}") from error
+            raise ImageMissing(f"snapshot {snapshot.snapshot_id} image is missing: {path}") from error
 
     async def _image_body(self, snapshot: SnapshotUpload) -> tuple[bytes, int]:
         """The JPEG to send (re-encoded at upload.jpeg_quality when set) and the original's size."""
@@ -60,18 +60,22 @@ class SnapshotUploader:
         return await asyncio.to_thread(reencode_jpeg, original, quality), len(original)
 
     async def put_objects(self, snapshot: SnapshotUpload, send_image: bool) -> ObjectsResult:
-        """The JPEG (when the image policy wants it) and the per-snapshot metadata JSON."""
+        """The JPEG (when the image policy wants it and retention kept it) and the metadata JSON.
+
+        Raises ImageMissing when the JPEG of a snapshot not marked deleted is not on disk.
+        """
         upload, aws = self.settings.upload, self.settings.aws
         tally = ByteTally()
         image_bytes = 0
+        send_image = send_image and not snapshot.deleted
         if send_image:
             image, original_bytes = await self._image_body(snapshot)
             await self.cap.reserve(len(image))
             await put_snapshot_image(self.s3, upload, aws.data_bucket, snapshot, image)
             tally.add(IMAGES, original_bytes, len(image))
             image_bytes = len(image)
-        elif not (self.settings.data_dir / snapshot.path).is_file():
-            raise SnapshotUnavailable(f"snapshot {snapshot.snapshot_id} image is missing")
+        elif not snapshot.deleted and not (self.settings.data_dir / snapshot.path).is_file():
+            raise ImageMissing(f"snapshot {snapshot.snapshot_id} image is missing")
 
         metadata = encode_json(snapshot.result_json, upload.compression)
         await self.cap.reserve(len(metadata))
