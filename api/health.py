@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from typing import Any
 
@@ -113,6 +114,21 @@ def _judge_queue(
             )
 
 
+def _judge_disk(settings: Settings, reasons: list[str]) -> dict[str, int] | None:
+    """Free space on the snapshot disk against the retention floor; None if it cannot be measured."""
+    folder = settings.snapshots_dir if settings.snapshots_dir.exists() else settings.data_dir
+    try:
+        free_bytes = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    floor = settings.retention.min_free_bytes
+    if free_bytes < floor:
+        reasons.append(
+            f"free disk space {free_bytes / 1e9:.2f} GB is below retention.min_free_bytes {floor / 1e9:.2f} GB"
+        )
+    return {"free_bytes": free_bytes, "min_free_bytes": floor}
+
+
 def assess_health(connection: sqlite3.Connection, settings: Settings, now: float) -> dict[str, Any]:
     """The health document: overall status, the reasons for it, processes and queue."""
     reasons: list[str] = []
@@ -122,6 +138,7 @@ def assess_health(connection: sqlite3.Connection, settings: Settings, now: float
 
     processes = _judge_processes(heartbeats, settings, reasons)
     _judge_queue(queue, backlog, settings, reasons)
+    disk = _judge_disk(settings, reasons)
 
     if all(process["state"] == "missing" for process in processes.values()):
         status = UNHEALTHY
@@ -144,6 +161,7 @@ def assess_health(connection: sqlite3.Connection, settings: Settings, now: float
             "parked": queue.get(UPLOAD, {}).get("failed", 0),
             "retrying": backlog.get(UPLOAD, {}).get("retrying", 0),
         },
+        "disk": disk,
         "limits": {"stale_after_s": stale_after_s(settings), "backlog_s": backlog_limits_s(settings)},
     }
 

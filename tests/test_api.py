@@ -19,6 +19,8 @@ processing:
   snapshot_interval: 5
 api:
   enable_cors: {cors}
+retention:
+  min_free_bytes: 0
 cameras:
   - id: cam0
     parking_zones:
@@ -143,6 +145,18 @@ def test_health_is_healthy_when_every_stage_beats_and_nothing_is_parked(client, 
     assert 1.0 <= body["processes"]["capture"]["beat_age_s"] < 15.0
     assert body["queue"]["depth"] == {"detect": 0, "upload": 0}
     assert body["queue"]["jobs"]["detect"]["done"] == 1
+
+
+def test_health_is_degraded_when_free_disk_space_is_below_the_retention_floor(client, db, settings):
+    all_beating(db)
+    settings.retention.min_free_bytes = 10**18
+
+    body = client.get("/health").json()
+
+    assert body["status"] == "degraded"
+    assert body["disk"]["min_free_bytes"] == 10**18
+    assert 0 < body["disk"]["free_bytes"] < 10**18
+    assert any(reason.startswith("free disk space") for reason in body["reasons"])
 
 
 def test_health_is_degraded_when_a_heartbeat_is_stale(client, db):

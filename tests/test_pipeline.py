@@ -74,6 +74,7 @@ def test_four_stages_process_two_cameras_end_to_end(tmp_path, pklot_dir, model_p
         "processing": {"snapshot_interval": 0.2},
         "api": {"host": "127.0.0.1", "port": api_port},
         "upload": {"interval": 1},
+        "retention": {"min_free_bytes": 0},
         "aws": {
             "region": "us-east-1",
             "data_bucket": s3_server.data_bucket,
