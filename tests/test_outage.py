@@ -43,8 +43,8 @@ from testbed.receiver import Receiver
 from testbed.seaweed import SeaweedServer
 
 SERIES = "UFPR04/Cloudy"
-OUTAGE_S = 45.0
-MAX_OUTAGE_S = 150.0
+OUTAGE_S = 180.0  # "several minutes": long enough for many parked-retry rounds
+MAX_OUTAGE_S = 300.0
 UPLOAD = {
     "interval": 0.2, "batch_size": 10, "max_retries": 3, "retry_base_s": 0.5, "retry_cap_s": 3.0,
     "parked_retry_s": 8.0, "request_timeout_s": 3.0,
