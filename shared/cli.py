@@ -55,6 +55,11 @@ def command_config_check(args: argparse.Namespace) -> int:
     """Validate a config without starting anything."""
     settings = _settings_or_exit(args.file or args.config)
     print(_config_summary(settings))
+    model = Path(settings.detection.model).expanduser()
+    if not model.is_file():
+        print(f"parkmon: {settings.config_path}: detection model: weights not found at {model.resolve()}",
+              file=sys.stderr)
+        return 2
     print("ok")
     return 0
 
@@ -100,8 +105,9 @@ def command_zones_import(args: argparse.Namespace) -> int:
 def command_eval(args: argparse.Namespace) -> int:
     """Score the detector against labelled PKLot frames."""
     from detect.detector import DetectorError
-    from detect.evaluate import evaluate_dataset, format_report
+    from detect.evaluate import EvaluationError, evaluate_dataset, format_report
     from shared.logging import configure_logging
+    from shared.pklot import PklotError
 
     settings = _settings_or_exit(args.config)
     configure_logging(settings.log_level, process="eval")
@@ -111,7 +117,7 @@ def command_eval(args: argparse.Namespace) -> int:
         return 2
     try:
         report = evaluate_dataset(dataset, settings, model=args.model)
-    except DetectorError as error:
+    except (DetectorError, EvaluationError, PklotError) as error:
         print(f"parkmon: {error}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))

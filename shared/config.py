@@ -253,7 +253,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="forbid", env_prefix="PARKMON_", env_nested_delimiter="__")
 
-    device_id: str = Field(default_factory=_default_device_id, description="Carried in every record.")
+    device_id: str = Field(
+        default_factory=_default_device_id,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Carried in every record; letters, digits, . _ - (it names snapshot files and S3 keys).",
+    )
     data_dir: Path = Field(default=Path("var"), description="Database, snapshots and logs live here.")
     log_level: str = "INFO"
     cameras: list[CameraSettings] = Field(default_factory=lambda: [CameraSettings()])
@@ -377,8 +381,16 @@ def _describe_location(raw: dict[str, Any], location: tuple[int | str, ...]) -> 
 def _format_validation_error(path: Path, raw: dict[str, Any], error: ValidationError) -> str:
     """One message naming the file, where in it, and why."""
     first = error.errors()[0]
-    where = _describe_location(Settings._read_single_camera_format(raw), tuple(first["loc"]))
+    location = tuple(first["loc"])
+    try:
+        normalised = Settings._read_single_camera_format(raw)
+    except ValueError:
+        normalised = raw
+    where = _describe_location(normalised, location)
     reason = first["msg"].removeprefix("Value error, ")
+    for name, settings_path in LEGACY_ENVIRONMENT.items():
+        if os.environ.get(name) and location[: len(settings_path)] == settings_path:
+            return f"environment {name}={os.environ[name]!r}: {where}: {reason}"
     cause = first.get("ctx", {}).get("error")
     if isinstance(cause, ZoneError):
         reason = str(cause)

@@ -21,15 +21,21 @@ log = get_logger(__name__)
 
 
 def _program_block(stage: str, command: str, logs_dir: Path, exits_when_done: bool) -> str:
-    """One [program:x] section; a stage that finishes on purpose (exit 0) is not restarted."""
+    """One [program:x] section; a stage that finishes on purpose (exit 0) is not restarted.
+
+    A service stage that dies within startsecs of starting is restarted with a growing delay (as
+    launchd's ThrottleInterval does) instead of at once, so a stage that cannot start (a missing
+    model, say) does not spin the CPU; a replay that may finish within seconds counts as started.
+    """
     autorestart = "unexpected" if exits_when_done else "true"
+    startsecs = 0 if exits_when_done else 5
     return f"""
 [program:{stage}]
 command={command}
 autostart=true
 autorestart={autorestart}
 exitcodes=0
-startsecs=0
+startsecs={startsecs}
 startretries=1000
 stopsignal=TERM
 stopwaitsecs=15

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,18 +39,34 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _demo_data_dir() -> Path:
+    """$PARKMON_DATA_DIR, else var/demo: never the device's own default data folder."""
+    configured = os.environ.get("PARKMON_DATA_DIR")
+    return Path(configured).expanduser().resolve() if configured else Path("var/demo").resolve()
+
+
 def _prepare_data_dir(data_dir: Path) -> None:
-    """Start from an empty demo folder; refuse to touch a real device's data."""
+    """Start from an empty demo folder; refuse any folder the demo did not create empty."""
     marker = data_dir / DEMO_MARKER
-    if (data_dir / "parkmon.db").exists() and not marker.exists():
+    if data_dir.exists() and any(data_dir.iterdir()) and not marker.exists():
         raise SystemExit(
-            f"parkmon demo: {data_dir} holds a parkmon database that the demo did not create; "
-            "set PARKMON_DATA_DIR to another folder"
+            f"parkmon demo: {data_dir} is not empty and was not made by the demo; "
+            "set PARKMON_DATA_DIR to a new or empty folder"
         )
     if marker.exists():
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text("created by parkmon demo; deleted and re-created on the next run\n")
+
+
+def _stop_on_signals() -> None:
+    """Turn SIGTERM and SIGHUP into SystemExit, so every server and stage the demo started is stopped."""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGHUP, leave)
 
 
 def _frames(source: Path, frames_limit: int | None) -> list[Path]:
@@ -64,9 +81,12 @@ def _write_config(
     data_dir: Path, replay_dir: Path, model: Path, zones_file: Path, s3_url: str, receiver_url: str
 ) -> Path:
     """The demo device's config: one camera replaying the folder, local S3 and receiver."""
-    first_frame = cv2.imread(str(sorted(replay_dir.glob("*.jpg"))[0]))
+    decoded = (cv2.imread(str(path)) for path in sorted(replay_dir.glob("*.jpg")))
+    first_frame = next((image for image in decoded if image is not None), None)
+    if first_frame is None:
+        raise SystemExit(f"parkmon demo: {replay_dir}: no frame in it can be decoded")
     height, width = first_frame.shape[:2]
-    camera_id = replay_dir.name.lower() if replay_dir.name != "frames" else "cam0"
+    camera_id = re.sub(r"[^a-z0-9._-]+", "-", replay_dir.name.lower()).strip("-.") or "cam0"
     config = {
         "device_id": "demo-device",
         "cameras": [{
@@ -171,9 +191,12 @@ def run_demo(source: Path, model: Path, frames_limit: int | None = None) -> int:
         raise SystemExit(f"parkmon demo: {source}: not a folder")
     if not model.is_file():
         raise SystemExit(f"parkmon demo: {model}: no such model file")
-    data_dir = load_settings().data_dir
-    _prepare_data_dir(data_dir)
     frames = _frames(source, frames_limit)
+    if not frames[0].with_suffix(".xml").is_file():
+        raise SystemExit(f"parkmon demo: {frames[0].with_suffix('.xml')}: no PKLot XML to take the zones from")
+    data_dir = _demo_data_dir()
+    _prepare_data_dir(data_dir)
+    _stop_on_signals()
     replay_dir = source
     if frames_limit:
         replay_dir = data_dir / "replay" / source.name
@@ -207,6 +230,7 @@ def run_demo(source: Path, model: Path, frames_limit: int | None = None) -> int:
             health = _get_json(f"{api_url}/health")
             zones = _get_json(f"{api_url}/zones")
             received = _get_json(f"{receiver.url}/received")
+            requests = receiver.requests()
         finally:
             stages.send_signal(signal.SIGTERM)
             stages.wait(timeout=60)
@@ -219,9 +243,10 @@ def run_demo(source: Path, model: Path, frames_limit: int | None = None) -> int:
     zone_list = zones.get("zones", zones) if isinstance(zones, dict) else zones
     occupied_now = sum(1 for zone in zone_list if zone.get("occupied"))
     print(f"per-space agreement with the XML labels: {agree}/{labelled} = {100.0 * agree / max(1, labelled):.1f}%")
-    print(f"S3 objects: {objects[0]} snapshots, {objects[1]} metadata; POSTs recorded: {len(received)}")
+    print(f"S3 objects: {objects[0]} snapshots, {objects[1]} metadata; ingest: {len(received)} records "
+          f"in {requests['accepted']} gzip POSTs ({requests['body_bytes']:,} B)")
     reasons = "; ".join(health.get("reasons", [])) or "all stages beating"
     print(f"/health: {health.get('status')} ({reasons})")
     print(f"/zones: {occupied_now} of {len(zone_list)} spaces occupied now")
-    print(f"inspect: PARKMON_DATA_DIR={data_dir} .venv/bin/parkmon status --json")
+    print(f"inspect: PARKMON_DATA_DIR={data_dir} .venv/bin/parkmon --config {config} status --json")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import plistlib
 import subprocess
 import sys
@@ -22,11 +23,25 @@ def parkmon(*args: str, cwd: Path = REPO_DIR, env: dict[str, str] | None = None)
     )
 
 
-def test_config_check_summarises_a_good_config():
-    result = parkmon("config", "check", "config/mvp.yaml")
+def test_config_check_summarises_a_good_config(model_path):
+    result = parkmon("config", "check", "config/mvp.yaml", env={**os.environ, "PARKMON_MODEL": str(model_path)})
     assert result.returncode == 0, result.stderr
     assert "cam0: 3 zones, 1280x720" in result.stdout
     assert "buckets:  data=parking-monitor-data-production" in result.stdout
+
+
+def test_config_check_refuses_a_config_whose_model_is_missing(tmp_path):
+    result = parkmon("config", "check", "config/mvp.yaml", env={**os.environ, "PARKMON_MODEL": "no/such.pt"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"parkmon: config/mvp.yaml: detection model: weights not found at {REPO_DIR / 'no/such.pt'}"
+    )
+
+
+def test_a_bad_environment_value_is_blamed_on_the_variable_not_the_file():
+    result = parkmon("config", "check", "config/mvp.yaml", env={**os.environ, "PARKING_MONITOR_PORT": "abc"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("parkmon: environment PARKING_MONITOR_PORT='abc': api port:")
 
 
 def test_config_check_names_file_camera_and_zone_of_a_bad_zone(tmp_path):
