@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -87,16 +88,16 @@ def stop_process_group(process: subprocess.Popen[bytes], grace_s: float) -> None
         process.wait()
 
 
-class LocalServer:
+class LocalServer(ABC):
     """A server process the tests and the demo start and stop: usable as a context manager."""
 
+    @abstractmethod
     def start(self) -> Self:
         """Start the process and wait until it answers."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stop(self) -> None:
         """Stop the process by PID."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Stop the process and remove what it left behind."""
