@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from shared.config import ConfigError, Settings, config_path_from_environment, load_settings
 
@@ -64,6 +66,11 @@ def command_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_before_start(signum: int, frame: FrameType | None) -> None:
+    """Leave with exit code 0: nothing was claimed yet, so nothing is lost."""
+    raise SystemExit(0)
+
+
 def command_run(args: argparse.Namespace) -> int:
     """Run one stage in this process, or all four under a supervisor."""
     settings = _settings_or_exit(args.config)
@@ -75,6 +82,8 @@ def command_run(args: argparse.Namespace) -> int:
     from shared.logging import configure_logging
 
     configure_logging(settings.log_level, process=args.stage)
+    # SIGTERM while the stage is still importing (torch takes seconds) is a clean stop too.
+    signal.signal(signal.SIGTERM, _stop_before_start)
     module = importlib.import_module(STAGE_MODULES[args.stage])
     return int(module.run(settings, once=args.once) or 0)
 

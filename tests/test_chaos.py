@@ -171,6 +171,8 @@ def test_random_kills_of_every_stage_lose_nothing_and_deliver_each_snapshot_once
             and scalar(settings, "SELECT count(*) FROM jobs WHERE stage = 'upload'") == snapshots(),
             DRAIN_TIMEOUT_S, "every job done", running(),
         )
+        for name in LEASING:
+            wait_for_heartbeat(settings, stages[name])  # a stage just restarted is up before SIGTERM
         exit_codes = {stage.stage: stage.terminate() for stage in stages.values()}
     finally:
         for stage in stages.values():
